@@ -1,0 +1,1 @@
+"""The `cdl` command line: one module per noun."""

@@ -1,0 +1,39 @@
+"""What every command needs: the settings (loaded once, lazily) and the stack built on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from pipelines.core.config import Settings, load_settings
+from pipelines.core.stack import Stack
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@dataclass
+class CLIContext:
+    config_path: Path | None = None
+    stack_name: str | None = None
+    _settings: Settings | None = field(default=None, repr=False)
+    _stack: Stack | None = field(default=None, repr=False)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_path, self.stack_name)
+        return self._settings
+
+    @property
+    def stack(self) -> Stack:
+        if self._stack is None:
+            self._stack = Stack(self.settings)
+        return self._stack
+
+
+def cli_context(ctx: typer.Context) -> CLIContext:
+    return ctx.find_root().obj

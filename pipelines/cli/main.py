@@ -1,0 +1,80 @@
+"""`cdl`: the entry point. Problems the user can fix are printed as one line, without a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipelines import __version__
+from pipelines.cli import config as config_cli
+from pipelines.cli import demo as demo_cli
+from pipelines.cli import events as events_cli
+from pipelines.cli import lineage as lineage_cli
+from pipelines.cli import stack as stack_cli
+from pipelines.cli.context import CLIContext, err_console
+from pipelines.core.errors import CDLError
+
+app = typer.Typer(
+    name="cdl",
+    help="CDL: continuous deep learning. Data, model and deployment pipelines as code, "
+    "on an embedded local stack or on Pachyderm, Determined and Kubernetes.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(stack_cli.app, name="stack")
+app.add_typer(config_cli.app, name="config")
+app.add_typer(lineage_cli.app, name="lineage")
+app.add_typer(events_cli.app, name="events")
+app.command("demo")(demo_cli.demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cdl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="cdl.yaml to use (default: $CDL_CONFIG, else the nearest "
+        "cdl.yaml in this folder or above).", dir_okay=False),
+    stack: Optional[str] = typer.Option(
+        None, "--stack", "-s", help="Named stack from cdl.yaml (default: $CDL_STACK, else "
+        "default_stack)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    ctx.obj = CLIContext(config_path=config, stack_name=stack)
+
+
+def run() -> None:
+    try:
+        code = app(standalone_mode=False)
+    except CDLError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors carry their own exit code and message
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,53 @@
+"""`cdl stack`: bring the platform's services up, down, and show their health."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from pipelines.cli.context import cli_context, console
+from pipelines.core.stack import ComponentStatus
+
+app = typer.Typer(help="Start, stop and inspect the stack (Postgres and the platform services).",
+                  no_args_is_help=True)
+
+
+def status_table(rows: list[ComponentStatus]) -> Table:
+    table = Table(title="CDL stack", title_justify="left")
+    for column in ("service", "health", "address", "pid", "log"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        colour = "green" if row.healthy else "red"
+        table.add_row(row.service, f"[{colour}]{row.health}[/]", row.address,
+                      str(row.pid or "-"), str(row.log or "-"))
+    return table
+
+
+@app.command()
+def up(ctx: typer.Context) -> None:
+    """Start the stack: initialise the embedded Postgres on first use (or check the external DSN),
+    create the platform databases, apply migrations and start the event dispatcher.
+    Safe to run again: what already runs is left as it is."""
+    stack = cli_context(ctx).stack
+    with console.status("bringing the stack up"):
+        done = stack.up()
+    for line in done:
+        console.print(f"• {line}")
+    console.print(status_table(stack.status()))
+
+
+@app.command()
+def down(ctx: typer.Context) -> None:
+    """Stop the platform services and the embedded Postgres (an external server is left running).
+    Data stays under the stack home."""
+    stopped = cli_context(ctx).stack.down()
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def status(ctx: typer.Context) -> None:
+    """Show each service: health, address, pid and log file. Exits 1 if any is not healthy."""
+    rows = cli_context(ctx).stack.status()
+    console.print(status_table(rows))
+    if not all(r.healthy for r in rows):
+        raise typer.Exit(1)

@@ -1,0 +1,1 @@
+"""What every pipeline uses: configuration, the stack, Postgres, services, lineage and events."""

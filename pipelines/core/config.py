@@ -1,0 +1,271 @@
+"""Configuration: named stacks in `cdl.yaml`, overridden by `CDL_*` environment variables.
+
+The file is found from `CDL_CONFIG`, else by walking up from the working directory. The stack is
+`CDL_STACK`, else the file's `default_stack`. Any field of the selected stack can be overridden by
+an environment variable named after its path with `__` between levels, for example
+`CDL_POSTGRES__PORT=5544` or `CDL_POSTGRES__DSN=postgresql://...`; values are read as YAML
+scalars. Relative paths in the file are relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.core.errors import ConfigError
+
+CONFIG_FILE = "cdl.yaml"
+ENV_PREFIX = "CDL_"
+ENV_CONFIG = "CDL_CONFIG"
+ENV_STACK = "CDL_STACK"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Databases(_Strict):
+    """Names of the databases the platform keeps in its Postgres."""
+
+    platform: str = "cdl"
+    mlflow: str = "mlflow"
+    label_studio: str = "label_studio"
+    search: str = "optuna"
+
+
+class PostgresConfig(_Strict):
+    """Either an embedded cluster under the stack home (no `dsn`) or an external server (`dsn`)."""
+
+    dsn: str | None = Field(
+        None, description="external Postgres, e.g. postgresql://user:pw@host:5432/cdl"
+    )
+    port: int = Field(0, ge=0, le=65535, description="embedded cluster port; 0 picks a free one")
+    user: str = Field("cdl", min_length=1, description="embedded cluster superuser")
+    databases: Databases = Databases()
+
+
+class Subscriber(_Strict):
+    """Who hears about events: the console, a webhook URL or a command."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["console", "webhook", "command"]
+    events: list[str] = Field(default_factory=lambda: ["*"], description="glob patterns of types")
+    url: str | None = None
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="webhook headers; ${VAR} is read from the environment"
+    )
+    command: str | None = None
+    timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(5, ge=0, description="extra attempts after a failed delivery")
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each attempt")
+
+    @model_validator(mode="after")
+    def _target_present(self) -> "Subscriber":
+        if self.kind == "webhook" and not self.url:
+            raise ValueError("a webhook subscriber needs 'url'")
+        if self.kind == "webhook" and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook url must start with http:// or https://, got {self.url!r}")
+        if self.kind == "command" and not self.command:
+            raise ValueError("a command subscriber needs 'command'")
+        return self
+
+
+class EventsConfig(_Strict):
+    subscribers: list[Subscriber] = Field(
+        default_factory=lambda: [Subscriber(name="console", kind="console")]
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EventsConfig":
+        names = [s.name for s in self.subscribers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"subscriber names must be unique, repeated: {', '.join(duplicates)}")
+        return self
+
+
+class StackConfig(_Strict):
+    home: Path = Field(Path(".cdl"), description="where the stack keeps its state, logs and venvs")
+    postgres: PostgresConfig = PostgresConfig()
+    events: EventsConfig = EventsConfig()
+
+
+class ConfigFile(_Strict):
+    default_stack: str = "local"
+    stacks: dict[str, StackConfig] = Field(default_factory=lambda: {"local": StackConfig()})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved configuration one command runs with."""
+
+    stack_name: str
+    stack: StackConfig
+    config_path: Path | None  # None: no cdl.yaml was found, defaults apply
+    root: Path  # the folder of cdl.yaml (or the working directory); relative paths start here
+    overrides: tuple[str, ...]  # the CDL_* variables that changed a field
+
+    @property
+    def home(self) -> Path:
+        return self.stack.home
+
+    @property
+    def venvs(self) -> Path:
+        return self.home / "venvs"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+
+def find_config_file(environ: Mapping[str, str], cwd: Path) -> Path | None:
+    explicit = environ.get(ENV_CONFIG)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"{ENV_CONFIG} points to {path}, which is not a file",
+                f"set {ENV_CONFIG} to the path of a cdl.yaml or unset it",
+            )
+        return path.resolve()
+    for folder in [cwd, *cwd.parents]:
+        candidate = folder / CONFIG_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}", "make it a readable UTF-8 file") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        reason = getattr(exc, "problem", None) or exc
+        raise ConfigError(f"{path}{line}: invalid YAML: {reason}", f"fix the YAML in {path}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping, got {type(data).__name__}",
+            "start the file with 'default_stack:' and 'stacks:'",
+        )
+    return data
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, Any]]:
+    """CDL_A__B=value -> {("a", "b"): ("CDL_A__B", value)} for top-level fields of a stack."""
+    fields = set(StackConfig.model_fields)
+    found = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG, ENV_STACK):
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+        if path[0] not in fields:  # other CDL_ variables (e.g. for event commands) are not config
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        found[path] = (name, value)
+    return found
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any, source: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"{source} sets a field inside '{part}', which is not a mapping",
+                f"unset {source}",
+            )
+        node = child
+    node[path[-1]] = value
+
+
+def _explain(exc: ValidationError, file: str, env_paths: dict[tuple, str], field_prefix: str = ""):
+    """One line naming every invalid field, and where it came from (the file or a CDL_ variable)."""
+    problems, fixes = [], set()
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        env_name = next((n for path, n in env_paths.items() if loc[: len(path)] == path), None)
+        field = field_prefix + ".".join(loc) if loc else "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        if env_name:
+            problems.append(f"{env_name} ({field}): {msg}")
+            fixes.add(f"fix or unset {env_name}")
+        else:
+            problems.append(f"{file}: {field}: {msg}")
+            fixes.add(f"edit {file}")
+    return "; ".join(problems), "; ".join(sorted(fixes))
+
+
+def load_settings(
+    config_path: Path | None = None,
+    stack: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    environ = os.environ if environ is None else environ
+    cwd = (cwd or Path.cwd()).resolve()
+    path = config_path.resolve() if config_path else find_config_file(environ, cwd)
+    raw = _read_yaml(path) if path else {}
+    root = path.parent if path else cwd
+    file_label = str(path) if path else "defaults"
+
+    try:
+        top = ConfigFile.model_validate({k: v for k, v in raw.items() if k != "stacks"})
+    except ValidationError as exc:
+        problem, fix = _explain(exc, file_label, {})
+        raise ConfigError(problem, fix) from exc
+    stacks_raw = raw.get("stacks", {"local": {}})
+    if not isinstance(stacks_raw, dict) or not stacks_raw:
+        raise ConfigError(f"{file_label}: 'stacks' must be a non-empty mapping of named stacks",
+                          f"edit {file_label}")
+
+    name = stack or environ.get(ENV_STACK) or top.default_stack
+    if name not in stacks_raw:
+        source = "--stack" if stack else ENV_STACK if environ.get(ENV_STACK) else "default_stack"
+        raise ConfigError(
+            f"stack '{name}' (from {source}) is not defined in {file_label}; "
+            f"defined: {', '.join(stacks_raw)}",
+            f"use one of the defined stacks or add '{name}' under 'stacks:'",
+        )
+    stack_raw = stacks_raw[name] or {}
+    if not isinstance(stack_raw, dict):
+        raise ConfigError(f"{file_label}: stacks.{name} must be a mapping", f"edit {file_label}")
+
+    overrides = _env_overrides(environ)
+    merged = yaml.safe_load(yaml.safe_dump(stack_raw))  # deep copy
+    for field_path, (env_name, value) in overrides.items():
+        _set_path(merged, field_path, value, env_name)
+    try:
+        stack_config = StackConfig.model_validate(merged)
+    except ValidationError as exc:
+        env_paths = {p: n for p, (n, _) in overrides.items()}
+        problem, fix = _explain(exc, file_label, env_paths, f"stacks.{name}.")
+        raise ConfigError(problem, fix) from exc
+
+    home = stack_config.home.expanduser()
+    stack_config = stack_config.model_copy(
+        update={"home": (home if home.is_absolute() else root / home).absolute()}
+    )
+    return Settings(
+        stack_name=name,
+        stack=stack_config,
+        config_path=path,
+        root=root,
+        overrides=tuple(sorted(n for n, _ in overrides.values())),
+    )

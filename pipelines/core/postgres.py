@@ -1,0 +1,412 @@
+"""Postgres for the platform: an embedded cluster under the stack home, or an external server.
+
+The embedded cluster is a plain Postgres data directory under `<home>/postgres`, created with
+initdb and run with pg_ctl. Postgres refuses to run as root, so when CDL runs as root both run as
+the `postgres` system user. Clients connect over TCP on 127.0.0.1 with a generated password kept
+in `<home>/secrets` (outside git); a unix socket is also opened for local tools such as psql.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import psutil
+import psycopg
+from psycopg import sql
+
+from pipelines.core.config import Databases, Settings
+from pipelines.core.errors import StackError
+
+SYSTEM_USER = "postgres"
+START_TIMEOUT_S = 60
+# A unix socket path must fit in sockaddr_un (108 bytes, NUL included) with "/.s.PGSQL.NNNNN".
+MAX_SOCKET_DIR_LEN = 107 - len("/.s.PGSQL.65535")
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    healthy: bool
+    address: str
+    pid: int | None
+    log: Path | None
+    detail: str = ""
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:]) or "(log is empty)"
+
+
+def find_server_binaries() -> Path:
+    """The folder holding initdb, pg_ctl and postgres (newest Debian install, else PATH)."""
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if debian:
+        return debian[-1].parent
+    on_path = shutil.which("initdb")
+    if on_path:
+        return Path(on_path).resolve().parent
+    raise StackError(
+        "Postgres server binaries (initdb, pg_ctl) were not found",
+        "run 'make setup' (installs the postgresql package) or set postgres.dsn to an external server",
+    )
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Postgres itself binds
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def url_for_database(dsn: str, database: str) -> str:
+    """The same server and credentials as `dsn`, another database."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(database), parts.query, ""))
+
+
+def mask_password(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def ensure_databases(admin_dsn: str, names: list[str]) -> list[str]:
+    """Create the databases that do not exist yet; return the ones created."""
+    created = []
+    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=10) as conn:
+        for name in names:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+            if exists:
+                continue
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            except psycopg.errors.DuplicateDatabase:
+                continue  # created concurrently by another `stack up`
+            except psycopg.Error as exc:
+                raise StackError(
+                    f"cannot create database '{name}': {exc.diag.message_primary or exc}",
+                    "create it yourself or grant CREATEDB to the DSN's user",
+                ) from exc
+            created.append(name)
+    return created
+
+
+class ExternalPostgres:
+    """A server CDL does not manage: used as-is through the DSN in the stack config."""
+
+    def __init__(self, dsn: str, databases: Databases):
+        if not dsn.startswith(("postgresql://", "postgres://")):
+            raise StackError(
+                f"postgres.dsn must be a postgresql:// URL, got {mask_password(dsn)!r}",
+                "write it as postgresql://USER:PASSWORD@HOST:PORT/DATABASE",
+            )
+        self.base_dsn = dsn
+        self.databases = databases
+        parts = urlsplit(dsn)
+        self.address = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+
+    def dsn(self, database: str) -> str:
+        return url_for_database(self.base_dsn, database)
+
+    def _check(self) -> None:
+        try:
+            psycopg.connect(self.base_dsn, connect_timeout=5).close()
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no answer"
+            raise StackError(
+                f"cannot reach Postgres at {self.address} ({mask_password(self.base_dsn)}): {reason}",
+                "check postgres.dsn / CDL_POSTGRES__DSN, or start that server",
+            ) from exc
+
+    def up(self) -> list[str]:
+        self._check()
+        return ensure_databases(self.base_dsn, list(self.databases.model_dump().values()))
+
+    def down(self) -> None:
+        """An external server is not CDL's to stop."""
+
+    def status(self) -> ServerStatus:
+        try:
+            self._check()
+        except StackError as exc:
+            return ServerStatus(False, self.address, None, None, exc.problem)
+        return ServerStatus(True, self.address, None, None, "external")
+
+
+class EmbeddedPostgres:
+    """A Postgres cluster under `<home>/postgres`, started and stopped by CDL."""
+
+    def __init__(self, home: Path, port: int, user: str, databases: Databases):
+        self.home = home
+        self.requested_port = port  # 0: any free port
+        self.user = user
+        self.databases = databases
+        self.root = home / "postgres"
+        self.data = self.root / "data"
+        self.state_file = self.root / "state.json"
+        self.password_file = home / "secrets" / "postgres-password"
+        self.log = home / "logs" / "postgres.log"
+        self.as_root = os.geteuid() == 0
+
+    # -- paths and state ---------------------------------------------------------------
+
+    @property
+    def socket_dir(self) -> Path:
+        local = self.root / "run"
+        if len(str(local)) <= MAX_SOCKET_DIR_LEN:
+            return local
+        # Deep homes get a short socket folder of their own under /tmp.
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+        return Path("/tmp") / f"cdl-pg-{digest}"
+
+    @property
+    def initialized(self) -> bool:
+        return (self.data / "PG_VERSION").is_file()
+
+    def _state(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @property
+    def port(self) -> int | None:
+        return self._state().get("port")
+
+    @property
+    def password(self) -> str:
+        try:
+            return self.password_file.read_text().strip()
+        except OSError as exc:
+            raise StackError(
+                f"the embedded Postgres password file {self.password_file} is missing",
+                "run 'cdl stack up' (or delete the stack home to start over)",
+            ) from exc
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}" if self.port else "-"
+
+    def dsn(self, database: str) -> str:
+        if not self.port:
+            raise StackError("the embedded Postgres has never been started", "run 'cdl stack up'")
+        return (
+            f"postgresql://{quote(self.user)}:{quote(self.password)}@127.0.0.1:{self.port}/"
+            f"{quote(database)}"
+        )
+
+    # -- running as the postgres user --------------------------------------------------
+
+    def _cmd(self, *argv: str | Path) -> list[str]:
+        argv = [str(a) for a in argv]
+        return ["runuser", "-u", SYSTEM_USER, "--", *argv] if self.as_root else argv
+
+    def _own(self, *paths: Path) -> None:
+        if self.as_root:
+            entry = pwd.getpwnam(SYSTEM_USER)
+            for path in paths:
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def _check_reachable(self, folder: Path) -> None:
+        """As root, the postgres user must be able to enter every parent of the cluster."""
+        if not self.as_root:
+            return
+        probe = subprocess.run(self._cmd("test", "-w", folder), capture_output=True)
+        if probe.returncode == 0:
+            return
+        blocked = next(
+            (p for p in reversed([folder, *folder.parents])
+             if subprocess.run(self._cmd("test", "-x", p), capture_output=True).returncode != 0),
+            folder,
+        )
+        raise StackError(
+            f"the '{SYSTEM_USER}' user that runs Postgres cannot enter {blocked}",
+            f"run 'chmod o+x {blocked}' or set the stack home (CDL_HOME) to a folder it can reach",
+        )
+
+    def _run(self, *argv: str | Path, what: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(self._cmd(*argv), capture_output=True, text=True)
+        if result.returncode != 0:
+            output = (result.stderr or result.stdout).strip().splitlines()[-10:]
+            raise StackError(
+                f"{what} failed (exit {result.returncode}): " + " | ".join(output),
+                f"see {self.log}" if self.log.exists() else "check the output above",
+            )
+        return result
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def init(self) -> bool:
+        """initdb once; a crash half-way leaves only a temporary folder, removed on the next try."""
+        if self.initialized:
+            return False
+        bindir = find_server_binaries()
+        for folder in (self.root, self.log.parent, self.password_file.parent):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.password_file.parent.chmod(0o700)
+        self._own(self.root)
+        self._check_reachable(self.root)
+
+        if not self.password_file.exists():
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(24))
+        staging = self.root / "data.initdb"
+        shutil.rmtree(staging, ignore_errors=True)
+        if self.data.exists():  # left by an old crash: no PG_VERSION, so nothing usable
+            shutil.rmtree(self.data)
+        pwfile = self.root / ".initdb-password"
+        pwfile.write_text(self.password)
+        pwfile.chmod(0o600)
+        self._own(pwfile)
+        try:
+            self._run(
+                bindir / "initdb", "-D", staging, "-U", self.user, "-E", "UTF8", "--locale=C",
+                "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
+                what="initdb",
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        with open(staging / "postgresql.conf", "a") as conf:
+            conf.write("\n# Port, addresses and sockets are written by CDL before each start.\n")
+            conf.write("include_if_exists = 'cdl.conf'\n")
+        staging.rename(self.data)
+        return True
+
+    def running_pid(self) -> int | None:
+        """The postmaster's pid if it is really running this cluster, else None."""
+        try:
+            first = (self.data / "postmaster.pid").read_text().splitlines()[0]
+            pid = int(first)
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            if "postgres" not in proc.name() and "postgres" not in " ".join(proc.cmdline()[:1]):
+                return None
+            return pid
+        except (OSError, ValueError, IndexError, psutil.Error):
+            return None
+
+    def _clear_stale_pid_file(self) -> None:
+        pid_file = self.data / "postmaster.pid"
+        if pid_file.exists() and self.running_pid() is None:
+            pid_file.unlink()
+
+    def _choose_port(self) -> int:
+        if self.requested_port:
+            if not port_is_free(self.requested_port):
+                raise StackError(
+                    f"port {self.requested_port} on 127.0.0.1 (postgres.port) is in use by "
+                    "another program",
+                    "set postgres.port / CDL_POSTGRES__PORT to a free port, or to 0 to pick one",
+                )
+            return self.requested_port
+        remembered = self.port
+        if remembered and port_is_free(remembered):
+            return remembered  # keep the address stable across restarts when possible
+        return free_port()
+
+    def _write_runtime_conf(self, port: int) -> None:
+        socket_dir = self.socket_dir
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        self._own(socket_dir)
+        quoted_socket = str(socket_dir).replace("'", "''")
+        (self.data / "cdl.conf").write_text(
+            f"port = {port}\n"
+            "listen_addresses = '127.0.0.1'\n"
+            f"unix_socket_directories = '\"{quoted_socket}\"'\n"
+            "max_connections = 200\n"
+        )
+        self._own(self.data / "cdl.conf")
+
+    def start(self) -> bool:
+        """Start the cluster if it is not running; True if it was started now."""
+        if self.running_pid():
+            return False
+        bindir = find_server_binaries()
+        self._clear_stale_pid_file()
+        port = self._choose_port()
+        self._write_runtime_conf(port)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.log.touch()
+        self._own(self.log)
+        for attempt in range(10):
+            result = subprocess.run(
+                self._cmd(bindir / "pg_ctl", "-D", self.data, "-l", self.log, "-w",
+                          "-t", str(START_TIMEOUT_S), "start"),
+                capture_output=True, text=True,
+            )
+            if result.returncode == 0:
+                break
+            # After a crash, orphaned backends may still hold the old shared memory for a moment.
+            if "pre-existing shared memory block" in log_tail(self.log, 5) and attempt < 9:
+                time.sleep(1)
+                continue
+            raise StackError(
+                f"Postgres did not start on 127.0.0.1:{port}; last log lines:\n{log_tail(self.log)}",
+                f"read {self.log}; if the data folder is damaged, stop and move {self.data} away",
+            )
+        self.state_file.write_text(json.dumps({"port": port}))
+        return True
+
+    def up(self) -> list[str]:
+        self.init()
+        self.start()
+        return ensure_databases(self.dsn("postgres"), list(self.databases.model_dump().values()))
+
+    def down(self) -> None:
+        if not self.running_pid():
+            self._clear_stale_pid_file()
+            return
+        self._run(find_server_binaries() / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop",
+                  what="pg_ctl stop")
+
+    def status(self) -> ServerStatus:
+        pid = self.running_pid()
+        if not self.initialized:
+            return ServerStatus(False, "-", None, self.log, "not initialised")
+        if not pid:
+            return ServerStatus(False, self.address, None, self.log, "stopped")
+        try:
+            psycopg.connect(self.dsn("postgres"), connect_timeout=3).close()
+        except psycopg.OperationalError as exc:
+            return ServerStatus(False, self.address, pid, self.log, str(exc).strip()[:120])
+        return ServerStatus(True, self.address, pid, self.log, "accepting connections")
+
+
+def server_for(settings: Settings) -> EmbeddedPostgres | ExternalPostgres:
+    pg = settings.stack.postgres
+    if pg.dsn:
+        return ExternalPostgres(pg.dsn, pg.databases)
+    return EmbeddedPostgres(settings.home, pg.port, pg.user, pg.databases)

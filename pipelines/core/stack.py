@@ -1,0 +1,118 @@
+"""The running stack: Postgres (embedded or external), the platform schema and the supervised
+services. `cdl stack up|down|status` and every command that needs the database go through here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+
+from pipelines.core import migrations
+from pipelines.core.config import Settings
+from pipelines.core.errors import StackError
+from pipelines.core.postgres import EmbeddedPostgres, server_for
+from pipelines.core.services import ServiceSpec, Supervisor
+
+EVENTS_SERVICE = "events"
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    service: str
+    health: str  # healthy | unhealthy | stopped | ...
+    address: str
+    pid: int | None
+    log: Path | None
+
+    @property
+    def healthy(self) -> bool:
+        return self.health == "healthy"
+
+
+class Stack:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.postgres = server_for(settings)
+        self.supervisor = Supervisor(settings.home)
+
+    @property
+    def embedded(self) -> bool:
+        return isinstance(self.postgres, EmbeddedPostgres)
+
+    def dsn(self, database: str | None = None) -> str:
+        """Connection URL of one of the platform's databases (default: platform metadata)."""
+        return self.postgres.dsn(database or self.settings.stack.postgres.databases.platform)
+
+    def connect(self, autocommit: bool = False) -> psycopg.Connection:
+        try:
+            return psycopg.connect(self.dsn(), autocommit=autocommit, connect_timeout=5)
+        except psycopg.OperationalError as exc:
+            raise StackError(
+                f"cannot reach the platform database at {self.postgres.address}",
+                "run 'cdl stack up'",
+            ) from exc
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One `stack up` or `stack down` at a time per stack home."""
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        with open(self.settings.home / "stack.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _events_spec(self) -> ServiceSpec:
+        argv = [sys.executable, "-m", "pipelines.cli.main", "--stack", self.settings.stack_name]
+        if self.settings.config_path:
+            argv += ["--config", str(self.settings.config_path)]
+        return ServiceSpec(name=EVENTS_SERVICE, argv=[*argv, "events", "dispatch"],
+                           cwd=self.settings.root, start_timeout_s=30)
+
+    def up(self) -> list[str]:
+        """Bring the stack up (idempotent); return what was done, for the user."""
+        done = []
+        with self._lock():
+            if self.embedded and self.postgres.init():
+                done.append(f"initialised Postgres cluster in {self.postgres.data}")
+            created = self.postgres.up()
+            if created:
+                done.append(f"created databases: {', '.join(created)}")
+            applied = migrations.apply(self.dsn())
+            if applied:
+                done.append("applied migrations: " +
+                            ", ".join(f"{m.version:04d}_{m.name}" for m in applied))
+            self.supervisor.start(self._events_spec())
+        return done
+
+    def down(self) -> list[str]:
+        stopped = []
+        with self._lock():
+            for name in self.supervisor.names():
+                if self.supervisor.stop(name):
+                    stopped.append(name)
+            if self.embedded and self.postgres.running_pid():
+                self.postgres.down()
+                stopped.append("postgres")
+        return stopped
+
+    def status(self) -> list[ComponentStatus]:
+        pg = self.postgres.status()
+        rows = [ComponentStatus(
+            "postgres" if self.embedded else "postgres (external)",
+            "healthy" if pg.healthy else pg.detail or "unhealthy",
+            pg.address, pg.pid, pg.log,
+        )]
+        names = sorted({EVENTS_SERVICE, *self.supervisor.names()})
+        for name in names:
+            svc = self.supervisor.status(name)
+            health = {"running": "healthy"}.get(svc.state, svc.state)
+            rows.append(ComponentStatus(name, health, svc.address or "-", svc.pid, svc.log))
+        return rows
