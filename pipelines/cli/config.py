@@ -10,13 +10,16 @@ import yaml
 from pipelines.cli.context import cli_context, console
 from pipelines.core.postgres import mask_password
 
-app = typer.Typer(help="Inspect the configuration (cdl.yaml and CDL_* overrides).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Inspect the configuration (cdl.yaml and CDL_* overrides).", no_args_is_help=True
+)
 
 
 @app.command()
-def show(ctx: typer.Context,
-         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML.")) -> None:
+def show(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
+) -> None:
     """Print the selected stack's effective configuration: the file's values with CDL_*
     environment overrides applied and paths resolved. Passwords in DSNs are masked."""
     settings = cli_context(ctx).settings

@@ -17,5 +17,6 @@ def demo(ctx: typer.Context) -> None:
     for line in done:
         console.print(f"• {line}")
     console.print(status_table(stack.status()))
-    console.print("Next: [bold]cdl events tail -f[/] to watch events, "
-                  "[bold]cdl stack down[/] to stop.")
+    console.print(
+        "Next: [bold]cdl events tail -f[/] to watch events, [bold]cdl stack down[/] to stop."
+    )

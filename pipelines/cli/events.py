@@ -12,8 +12,9 @@ from pipelines.cli.context import cli_context, console
 from pipelines.core import events
 from pipelines.core.errors import CDLError
 
-app = typer.Typer(help="The event log: what the pipelines did, and who is told about it.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="The event log: what the pipelines did, and who is told about it.", no_args_is_help=True
+)
 
 TYPE_HELP = "Only events whose type matches this glob (repeatable), e.g. 'model.*'."
 
@@ -56,8 +57,9 @@ def emit(
     try:
         data = json.loads(payload)
     except json.JSONDecodeError as exc:
-        raise CDLError(f"--payload is not valid JSON: {exc}", "pass a JSON object, e.g. "
-                       "'{\"run\": \"abc\"}'") from exc
+        raise CDLError(
+            f"--payload is not valid JSON: {exc}", 'pass a JSON object, e.g. \'{"run": "abc"}\''
+        ) from exc
     if not isinstance(data, dict):
         raise CDLError("--payload must be a JSON object", "wrap the value in {...}")
     with cli_context(ctx).stack.connect() as conn:
@@ -71,8 +73,9 @@ def wait(
     types: List[str] = typer.Argument(..., metavar="TYPE...", help="Glob(s) of event types."),
     subject: Optional[str] = typer.Option(None, help="Only events about this subject."),
     timeout: float = typer.Option(600, min=0, help="Seconds to wait; exit 1 when they pass."),
-    after: Optional[int] = typer.Option(None, help="Count events after this id (default: only "
-                                        "events from now on)."),
+    after: Optional[int] = typer.Option(
+        None, help="Count events after this id (default: only events from now on)."
+    ),
 ) -> None:
     """Block until a matching event happens, print it as JSON and exit 0 (for CI jobs that wait
     on a pipeline, e.g. `cdl events wait model.evaluation.passed`)."""
@@ -84,8 +87,10 @@ def wait(
         if subject is None or event.subject == subject:
             print(json.dumps(event.to_dict()), flush=True)
             return
-    raise CDLError(f"no event matching {', '.join(types)} within {timeout:g} s",
-                   "raise --timeout or check that the pipeline ran (cdl events tail)")
+    raise CDLError(
+        f"no event matching {', '.join(types)} within {timeout:g} s",
+        "raise --timeout or check that the pipeline ran (cdl events tail)",
+    )
 
 
 @app.command()

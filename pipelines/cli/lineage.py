@@ -10,14 +10,19 @@ from rich.tree import Tree
 from pipelines.cli.context import cli_context, console
 from pipelines.core import lineage
 
-app = typer.Typer(help="Follow lineage between dataset commits, label snapshots, runs, models, "
-                  "deployments and predictions.", no_args_is_help=True)
+app = typer.Typer(
+    help="Follow lineage between dataset commits, label snapshots, runs, models, "
+    "deployments and predictions.",
+    no_args_is_help=True,
+)
 
 
 # How a child relates to its parent in each direction of the tree.
 RELATION_LABELS = {
-    ("upstream", "produced"): "made by", ("upstream", "consumed"): "input",
-    ("downstream", "consumed"): "read by", ("downstream", "produced"): "output",
+    ("upstream", "produced"): "made by",
+    ("upstream", "consumed"): "input",
+    ("downstream", "consumed"): "read by",
+    ("downstream", "produced"): "output",
 }
 
 
@@ -44,10 +49,12 @@ def render(root: lineage.Node, direction: str = "upstream") -> Tree:
 @app.command()
 def show(
     ctx: typer.Context,
-    node_id: str = typer.Argument(..., metavar="ID",
-                                  help="Node id '<kind>:<key>', e.g. model_version:bbc/3."),
-    downstream: bool = typer.Option(False, "--downstream",
-                                    help="Show what was made from ID instead of what it came from."),
+    node_id: str = typer.Argument(
+        ..., metavar="ID", help="Node id '<kind>:<key>', e.g. model_version:bbc/3."
+    ),
+    downstream: bool = typer.Option(
+        False, "--downstream", help="Show what was made from ID instead of what it came from."
+    ),
     depth: int = typer.Option(50, min=1, help="How many levels to follow."),
     as_json: bool = typer.Option(False, "--json", help="Print the tree as JSON."),
 ) -> None:

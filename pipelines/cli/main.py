@@ -1,4 +1,4 @@
-"""`cdl`: the entry point. Problems the user can fix are printed as one line, without a traceback."""
+"""`cdl`: the entry point. Problems a user can fix are printed as one line, no traceback."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    # CDLError is printed as one line by run(); bugs keep their tracebacks.
+    pretty_exceptions_enable=False,
 )
 app.add_typer(stack_cli.app, name="stack")
 app.add_typer(config_cli.app, name="config")
@@ -42,38 +44,32 @@ def _version(value: bool) -> None:
 def main(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="cdl.yaml to use (default: $CDL_CONFIG, else the nearest "
-        "cdl.yaml in this folder or above).", dir_okay=False),
+        None,
+        "--config",
+        "-c",
+        help="cdl.yaml to use (default: $CDL_CONFIG, else the nearest "
+        "cdl.yaml in this folder or above).",
+        dir_okay=False,
+    ),
     stack: Optional[str] = typer.Option(
-        None, "--stack", "-s", help="Named stack from cdl.yaml (default: $CDL_STACK, else "
-        "default_stack)."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+        None,
+        "--stack",
+        "-s",
+        help="Named stack from cdl.yaml (default: $CDL_STACK, else default_stack).",
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     ctx.obj = CLIContext(config_path=config, stack_name=stack)
 
 
 def run() -> None:
     try:
-        code = app(standalone_mode=False)
+        app()  # exits by itself; usage errors are reported by typer with exit code 2
     except CDLError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:  # click's usage errors carry their own exit code and message
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
-    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

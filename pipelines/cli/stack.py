@@ -8,8 +8,10 @@ from rich.table import Table
 from pipelines.cli.context import cli_context, console
 from pipelines.core.stack import ComponentStatus
 
-app = typer.Typer(help="Start, stop and inspect the stack (Postgres and the platform services).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Start, stop and inspect the stack (Postgres and the platform services).",
+    no_args_is_help=True,
+)
 
 
 def status_table(rows: list[ComponentStatus]) -> Table:
@@ -18,8 +20,13 @@ def status_table(rows: list[ComponentStatus]) -> Table:
         table.add_column(column, overflow="fold")
     for row in rows:
         colour = "green" if row.healthy else "red"
-        table.add_row(row.service, f"[{colour}]{row.health}[/]", row.address,
-                      str(row.pid or "-"), str(row.log or "-"))
+        table.add_row(
+            row.service,
+            f"[{colour}]{row.health}[/]",
+            row.address,
+            str(row.pid or "-"),
+            str(row.log or "-"),
+        )
     return table
 
 

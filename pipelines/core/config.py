@@ -151,7 +151,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         where = getattr(exc, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
         reason = getattr(exc, "problem", None) or exc
-        raise ConfigError(f"{path}{line}: invalid YAML: {reason}", f"fix the YAML in {path}") from exc
+        raise ConfigError(
+            f"{path}{line}: invalid YAML: {reason}", f"fix the YAML in {path}"
+        ) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -232,8 +234,10 @@ def load_settings(
         raise ConfigError(problem, fix) from exc
     stacks_raw = raw.get("stacks", {"local": {}})
     if not isinstance(stacks_raw, dict) or not stacks_raw:
-        raise ConfigError(f"{file_label}: 'stacks' must be a non-empty mapping of named stacks",
-                          f"edit {file_label}")
+        raise ConfigError(
+            f"{file_label}: 'stacks' must be a non-empty mapping of named stacks",
+            f"edit {file_label}",
+        )
 
     name = stack or environ.get(ENV_STACK) or top.default_stack
     if name not in stacks_raw:

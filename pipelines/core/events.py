@@ -55,8 +55,13 @@ class Event:
     created_at: datetime
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "type": self.type, "subject": self.subject,
-                "payload": self.payload, "created_at": self.created_at.isoformat()}
+        return {
+            "id": self.id,
+            "type": self.type,
+            "subject": self.subject,
+            "payload": self.payload,
+            "created_at": self.created_at.isoformat(),
+        }
 
     def line(self) -> str:
         when = self.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
@@ -72,8 +77,9 @@ def matches(event_type: str, patterns: list[str] | None) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(event_type, p) for p in patterns)
 
 
-def emit(conn: psycopg.Connection, type: str, subject: str | None = None,
-         payload: dict | None = None) -> Event:
+def emit(
+    conn: psycopg.Connection, type: str, subject: str | None = None, payload: dict | None = None
+) -> Event:
     """Append an event. It is delivered when `conn`'s transaction commits."""
     try:
         row = conn.execute(
@@ -81,14 +87,20 @@ def emit(conn: psycopg.Connection, type: str, subject: str | None = None,
             [type, subject, Jsonb(payload or {})],
         ).fetchone()
     except psycopg.errors.CheckViolation as exc:
-        raise CDLError(f"invalid event type {type!r}",
-                       "use dotted lower-case words, e.g. model.training.finished") from exc
+        raise CDLError(
+            f"invalid event type {type!r}",
+            "use dotted lower-case words, e.g. model.training.finished",
+        ) from exc
     return Event(*row)
 
 
-def recent(conn: psycopg.Connection, limit: int = 20, patterns: list[str] | None = None) -> list[Event]:
-    rows = conn.execute(f"SELECT {_COLUMNS} FROM events ORDER BY id DESC LIMIT %s",
-                        [limit if not patterns else limit * 50]).fetchall()
+def recent(
+    conn: psycopg.Connection, limit: int = 20, patterns: list[str] | None = None
+) -> list[Event]:
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM events ORDER BY id DESC LIMIT %s",
+        [limit if not patterns else limit * 50],
+    ).fetchall()
     found = [Event(*r) for r in rows if matches(r[1], patterns)][:limit]
     return list(reversed(found))
 
@@ -97,8 +109,9 @@ def last_id(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
 
 
-def follow(dsn: str, after_id: int, patterns: list[str] | None = None,
-           timeout_s: float | None = None) -> Iterator[Event]:
+def follow(
+    dsn: str, after_id: int, patterns: list[str] | None = None, timeout_s: float | None = None
+) -> Iterator[Event]:
     """Yield events newer than `after_id` as they commit, until `timeout_s` (None: forever)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     seen: set[int] = set()
@@ -107,8 +120,9 @@ def follow(dsn: str, after_id: int, patterns: list[str] | None = None,
         conn.execute(f"LISTEN {CHANNEL}")
         while True:
             floor = max(after_id, high - REORDER_WINDOW)
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM events WHERE id > %s ORDER BY id",
-                                [floor]).fetchall()
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM events WHERE id > %s ORDER BY id", [floor]
+            ).fetchall()
             for row in rows:
                 event = Event(*row)
                 if event.id in seen:
@@ -125,6 +139,17 @@ def follow(dsn: str, after_id: int, patterns: list[str] | None = None,
                     return
             for _ in conn.notifies(timeout=wait, stop_after=1):
                 pass
+
+
+def register(conn: psycopg.Connection, subscribers: list[Subscriber]) -> None:
+    """New subscribers hear the events after the newest one now, instead of all history."""
+    for sub in subscribers:
+        conn.execute(
+            """INSERT INTO event_subscribers (name, start_after)
+               VALUES (%s, (SELECT coalesce(max(id), 0) FROM events))
+               ON CONFLICT (name) DO NOTHING""",
+            [sub.name],
+        )
 
 
 # -- delivery ----------------------------------------------------------------------------
@@ -152,16 +177,28 @@ def deliver_webhook(sub: Subscriber, event: Event) -> None:
     if response.status_code >= 500 or response.status_code in (408, 429):
         raise DeliveryError(f"POST {sub.url}: HTTP {response.status_code}")
     if response.status_code >= 400:  # the receiver refuses this event: retrying will not help
-        raise DeliveryError(f"POST {sub.url}: HTTP {response.status_code} {response.text[:200]}",
-                            retry=False)
+        raise DeliveryError(
+            f"POST {sub.url}: HTTP {response.status_code} {response.text[:200]}", retry=False
+        )
 
 
 def deliver_command(sub: Subscriber, event: Event) -> None:
-    env = {**os.environ, "CDL_EVENT_ID": str(event.id), "CDL_EVENT_TYPE": event.type,
-           "CDL_EVENT_SUBJECT": event.subject or ""}
+    env = {
+        **os.environ,
+        "CDL_EVENT_ID": str(event.id),
+        "CDL_EVENT_TYPE": event.type,
+        "CDL_EVENT_SUBJECT": event.subject or "",
+    }
     try:
-        result = subprocess.run(sub.command, shell=True, input=json.dumps(event.to_dict()),
-                                text=True, capture_output=True, env=env, timeout=sub.timeout_s)
+        result = subprocess.run(
+            sub.command,
+            shell=True,
+            input=json.dumps(event.to_dict()),
+            text=True,
+            capture_output=True,
+            env=env,
+            timeout=sub.timeout_s,
+        )
     except subprocess.TimeoutExpired as exc:
         raise DeliveryError(f"command timed out after {sub.timeout_s:g} s: {sub.command}") from exc
     if result.returncode != 0:
@@ -172,8 +209,13 @@ def deliver_command(sub: Subscriber, event: Event) -> None:
 class Dispatcher:
     """Delivers events to subscribers; one thread per subscriber so a slow one delays no other."""
 
-    def __init__(self, dsn: str, subscribers: list[Subscriber], out: TextIO | None = None,
-                 sleep: Callable[[float], None] | None = None):
+    def __init__(
+        self,
+        dsn: str,
+        subscribers: list[Subscriber],
+        out: TextIO | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ):
         self.dsn = dsn
         self.subscribers = subscribers
         self.out = out or sys.stdout
@@ -184,16 +226,6 @@ class Dispatcher:
     def _say(self, text: str) -> None:
         with self._print_lock:
             print(text, file=self.out, flush=True)
-
-    def register(self, conn: psycopg.Connection) -> None:
-        """New subscribers start after the newest event, instead of replaying all history."""
-        for sub in self.subscribers:
-            conn.execute(
-                """INSERT INTO event_subscribers (name, start_after)
-                   VALUES (%s, (SELECT coalesce(max(id), 0) FROM events))
-                   ON CONFLICT (name) DO NOTHING""",
-                [sub.name],
-            )
 
     def pending(self, conn: psycopg.Connection, sub: Subscriber, limit: int = 100) -> list[Event]:
         rows = conn.execute(
@@ -226,8 +258,10 @@ class Dispatcher:
                 if not exc.retry or attempt > sub.retries or self.stop_event.is_set():
                     break
                 self._sleep(min(sub.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S))
-        self._say(f"delivery of event #{event.id} to {sub.name} failed after {attempt} "
-                  f"attempt(s): {error}")
+        self._say(
+            f"delivery of event #{event.id} to {sub.name} failed after {attempt} "
+            f"attempt(s): {error}"
+        )
         return "failed", attempt, error
 
     def drain(self, conn: psycopg.Connection, sub: Subscriber) -> int:
@@ -257,7 +291,7 @@ class Dispatcher:
     def run_once(self) -> int:
         """Deliver everything pending to every subscriber, then return (for CI and tests)."""
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            self.register(conn)
+            register(conn, self.subscribers)
             return sum(self.drain(conn, sub) for sub in self.subscribers)
 
     def _worker(self, sub: Subscriber, wake: threading.Event) -> None:
@@ -275,13 +309,17 @@ class Dispatcher:
     def serve(self) -> None:
         """Deliver until `stop_event` is set; survives database restarts."""
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            self.register(conn)
+            register(conn, self.subscribers)
         wakes = [threading.Event() for _ in self.subscribers]
-        workers = [threading.Thread(target=self._worker, args=(s, w), name=f"events-{s.name}",
-                                    daemon=True) for s, w in zip(self.subscribers, wakes)]
+        workers = [
+            threading.Thread(target=self._worker, args=(s, w), name=f"events-{s.name}", daemon=True)
+            for s, w in zip(self.subscribers, wakes, strict=True)
+        ]
         for worker in workers:
             worker.start()
-        self._say(f"dispatching events to {', '.join(s.name for s in self.subscribers) or 'nobody'}")
+        self._say(
+            f"dispatching events to {', '.join(s.name for s in self.subscribers) or 'nobody'}"
+        )
         while not self.stop_event.is_set():
             try:
                 with psycopg.connect(self.dsn, autocommit=True) as conn:

@@ -8,7 +8,6 @@ Recording is idempotent: the same node or edge recorded twice is stored once.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -70,7 +69,8 @@ def record_node(conn: psycopg.Connection, kind: Kind | str, key: str, **attribut
     nid = node_id(kind, key)
     conn.execute(
         """INSERT INTO lineage_nodes (id, kind, key, attributes) VALUES (%s, %s, %s, %s)
-           ON CONFLICT (id) DO UPDATE SET attributes = lineage_nodes.attributes || EXCLUDED.attributes""",
+           ON CONFLICT (id) DO UPDATE
+           SET attributes = lineage_nodes.attributes || EXCLUDED.attributes""",
         [nid, kind.value, key, Jsonb(attributes)],
     )
     return nid
@@ -87,8 +87,10 @@ def record_edge(conn: psycopg.Connection, upstream: str, downstream: str, relati
             [upstream, downstream, relation.value],
         )
     except psycopg.errors.ForeignKeyViolation as exc:
-        raise CDLError(f"lineage edge {upstream} -> {downstream} names an unknown node",
-                       "record both nodes before the edge") from exc
+        raise CDLError(
+            f"lineage edge {upstream} -> {downstream} names an unknown node",
+            "record both nodes before the edge",
+        ) from exc
 
 
 def consumed(conn: psycopg.Connection, activity: str, *inputs: str) -> None:
@@ -110,11 +112,14 @@ def get_node(conn: psycopg.Connection, nid: str) -> Node | None:
     return Node(*row) if row else None
 
 
-def similar_ids(conn: psycopg.Connection, text: str, limit: int = 5) -> list[str]:
-    pattern = "%" + text.replace("%", r"\%").replace("_", r"\_") + "%"
+def similar_ids(conn: psycopg.Connection, wanted: str, limit: int = 5) -> list[str]:
+    """Ids containing the key part of `wanted`, nodes of the same kind first."""
+    kind, _, key = wanted.rpartition(":")
+    pattern = "%" + key.replace("%", r"\%").replace("_", r"\_") + "%"
     rows = conn.execute(
-        "SELECT id FROM lineage_nodes WHERE id ILIKE %s ORDER BY created_at DESC LIMIT %s",
-        [pattern, limit],
+        """SELECT id FROM lineage_nodes WHERE id ILIKE %s
+           ORDER BY kind = %s DESC, created_at DESC LIMIT %s""",
+        [pattern, kind, limit],
     ).fetchall()
     return [r[0] for r in rows]
 
@@ -130,13 +135,16 @@ def tree(conn: psycopg.Connection, nid: str, direction: str = "upstream", depth:
         raise ValueError(direction)
     root = get_node(conn, nid)
     if root is None:
-        near = similar_ids(conn, nid.split(":", 1)[-1])
+        near = similar_ids(conn, nid)
         hint = f"did you mean: {', '.join(near)}" if near else "ids look like 'model_version:bbc/3'"
         raise CDLError(f"no lineage node '{nid}'", hint)
-    near_col, far_col = ("downstream", "upstream") if direction == "upstream" else ("upstream", "downstream")
+    near_col, far_col = (
+        ("downstream", "upstream") if direction == "upstream" else ("upstream", "downstream")
+    )
     rows = conn.execute(
         f"""WITH RECURSIVE walk(near, far, relation, depth) AS (
-                SELECT {near_col}, {far_col}, relation, 1 FROM lineage_edges WHERE {near_col} = %(id)s
+                SELECT {near_col}, {far_col}, relation, 1
+                FROM lineage_edges WHERE {near_col} = %(id)s
                 UNION
                 SELECT e.{near_col}, e.{far_col}, e.relation, w.depth + 1
                 FROM lineage_edges e JOIN walk w ON e.{near_col} = w.far
@@ -166,5 +174,3 @@ def tree(conn: psycopg.Connection, nid: str, direction: str = "upstream", depth:
 
     grow(root, 0)
     return root
-
-

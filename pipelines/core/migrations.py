@@ -37,13 +37,17 @@ def discover(folder: Path = MIGRATIONS_DIR) -> list[Migration]:
     for path in sorted(folder.glob("*.sql")):
         match = FILE_PATTERN.match(path.name)
         if not match:
-            raise StackError(f"migration file {path} is not named NNNN_name.sql",
-                             "rename it, e.g. 0003_add_table.sql")
+            raise StackError(
+                f"migration file {path} is not named NNNN_name.sql",
+                "rename it, e.g. 0003_add_table.sql",
+            )
         found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
-        raise StackError(f"two migrations in {folder} share a version number",
-                         "give each file its own NNNN prefix")
+        raise StackError(
+            f"two migrations in {folder} share a version number",
+            "give each file its own NNNN prefix",
+        )
     return found
 
 
@@ -52,15 +56,15 @@ def apply(dsn: str, migrations: list[Migration] | None = None) -> list[Migration
     migrations = discover() if migrations is None else migrations
     applied_now = []
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            """CREATE TABLE IF NOT EXISTS cdl_schema_migrations (
-                   version integer PRIMARY KEY,
-                   name text NOT NULL,
-                   checksum text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
         conn.execute("SELECT pg_advisory_lock(%s)", [LOCK_KEY])
         try:
+            conn.execute(
+                """CREATE TABLE IF NOT EXISTS cdl_schema_migrations (
+                       version integer PRIMARY KEY,
+                       name text NOT NULL,
+                       checksum text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
             recorded = {
                 version: (name, checksum)
                 for version, name, checksum in conn.execute(
@@ -92,5 +96,7 @@ def apply(dsn: str, migrations: list[Migration] | None = None) -> list[Migration
 
 def applied_versions(dsn: str) -> list[int]:
     with psycopg.connect(dsn) as conn:
-        return [row[0] for row in conn.execute(
-            "SELECT version FROM cdl_schema_migrations ORDER BY version")]
+        return [
+            row[0]
+            for row in conn.execute("SELECT version FROM cdl_schema_migrations ORDER BY version")
+        ]

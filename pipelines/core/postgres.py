@@ -65,7 +65,7 @@ def find_server_binaries() -> Path:
         return Path(on_path).resolve().parent
     raise StackError(
         "Postgres server binaries (initdb, pg_ctl) were not found",
-        "run 'make setup' (installs the postgresql package) or set postgres.dsn to an external server",
+        "run 'make setup' (installs the postgresql package) or set postgres.dsn to a server",
     )
 
 
@@ -145,7 +145,8 @@ class ExternalPostgres:
         except psycopg.OperationalError as exc:
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no answer"
             raise StackError(
-                f"cannot reach Postgres at {self.address} ({mask_password(self.base_dsn)}): {reason}",
+                f"cannot reach Postgres at {self.address} ({mask_password(self.base_dsn)}): "
+                f"{reason}",
                 "check postgres.dsn / CDL_POSTGRES__DSN, or start that server",
             ) from exc
 
@@ -246,8 +247,11 @@ class EmbeddedPostgres:
         if probe.returncode == 0:
             return
         blocked = next(
-            (p for p in reversed([folder, *folder.parents])
-             if subprocess.run(self._cmd("test", "-x", p), capture_output=True).returncode != 0),
+            (
+                p
+                for p in reversed([folder, *folder.parents])
+                if subprocess.run(self._cmd("test", "-x", p), capture_output=True).returncode != 0
+            ),
             folder,
         )
         raise StackError(
@@ -292,8 +296,17 @@ class EmbeddedPostgres:
         self._own(pwfile)
         try:
             self._run(
-                bindir / "initdb", "-D", staging, "-U", self.user, "-E", "UTF8", "--locale=C",
-                "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
+                bindir / "initdb",
+                "-D",
+                staging,
+                "-U",
+                self.user,
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                f"--pwfile={pwfile}",
                 what="initdb",
             )
         finally:
@@ -318,10 +331,15 @@ class EmbeddedPostgres:
         except (OSError, ValueError, IndexError, psutil.Error):
             return None
 
-    def _clear_stale_pid_file(self) -> None:
-        pid_file = self.data / "postmaster.pid"
-        if pid_file.exists() and self.running_pid() is None:
-            pid_file.unlink()
+    def _clear_stale_lock_files(self) -> None:
+        """Remove what a postmaster that died without cleaning up left behind (its pid may still
+        exist as a zombie, which Postgres would take for a live owner): postmaster.pid, and the
+        socket lock files in this cluster's own socket folder."""
+        if self.running_pid() is not None:
+            return
+        (self.data / "postmaster.pid").unlink(missing_ok=True)
+        for leftover in self.socket_dir.glob(".s.PGSQL.*"):
+            leftover.unlink(missing_ok=True)
 
     def _choose_port(self) -> int:
         if self.requested_port:
@@ -355,7 +373,7 @@ class EmbeddedPostgres:
         if self.running_pid():
             return False
         bindir = find_server_binaries()
-        self._clear_stale_pid_file()
+        self._clear_stale_lock_files()
         port = self._choose_port()
         self._write_runtime_conf(port)
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -363,9 +381,19 @@ class EmbeddedPostgres:
         self._own(self.log)
         for attempt in range(10):
             result = subprocess.run(
-                self._cmd(bindir / "pg_ctl", "-D", self.data, "-l", self.log, "-w",
-                          "-t", str(START_TIMEOUT_S), "start"),
-                capture_output=True, text=True,
+                self._cmd(
+                    bindir / "pg_ctl",
+                    "-D",
+                    self.data,
+                    "-l",
+                    self.log,
+                    "-w",
+                    "-t",
+                    str(START_TIMEOUT_S),
+                    "start",
+                ),
+                capture_output=True,
+                text=True,
             )
             if result.returncode == 0:
                 break
@@ -374,7 +402,8 @@ class EmbeddedPostgres:
                 time.sleep(1)
                 continue
             raise StackError(
-                f"Postgres did not start on 127.0.0.1:{port}; last log lines:\n{log_tail(self.log)}",
+                f"Postgres did not start on 127.0.0.1:{port}; last log lines:\n"
+                f"{log_tail(self.log)}",
                 f"read {self.log}; if the data folder is damaged, stop and move {self.data} away",
             )
         self.state_file.write_text(json.dumps({"port": port}))
@@ -387,10 +416,18 @@ class EmbeddedPostgres:
 
     def down(self) -> None:
         if not self.running_pid():
-            self._clear_stale_pid_file()
+            self._clear_stale_lock_files()
             return
-        self._run(find_server_binaries() / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop",
-                  what="pg_ctl stop")
+        self._run(
+            find_server_binaries() / "pg_ctl",
+            "-D",
+            self.data,
+            "-m",
+            "fast",
+            "-w",
+            "stop",
+            what="pg_ctl stop",
+        )
 
     def status(self) -> ServerStatus:
         pid = self.running_pid()

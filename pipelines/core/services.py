@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -119,17 +119,26 @@ class Supervisor:
             log.flush()
             try:
                 proc = subprocess.Popen(
-                    spec.argv, cwd=spec.cwd, env={**os.environ, **spec.env},
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    spec.argv,
+                    cwd=spec.cwd,
+                    env={**os.environ, **spec.env},
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
             except OSError as exc:
-                raise StackError(f"cannot start {spec.name}: {spec.argv[0]}: {exc.strerror}",
-                                 "run 'make setup' to create its environment") from exc
+                raise StackError(
+                    f"cannot start {spec.name}: {spec.argv[0]}: {exc.strerror}",
+                    "run 'make setup' to create its environment",
+                ) from exc
         self._children[spec.name] = proc
         state = {
-            "pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(),
-            "argv": spec.argv, "health_url": spec.health_url, "address": spec.address,
+            "pid": proc.pid,
+            "create_time": psutil.Process(proc.pid).create_time(),
+            "argv": spec.argv,
+            "health_url": spec.health_url,
+            "address": spec.address,
             "started_at": time.time(),
         }
         tmp = self._state_path(spec.name).with_suffix(".tmp")
@@ -197,10 +206,3 @@ class Supervisor:
     def _forget(self, name: str) -> None:
         self._children.pop(name, None)
         self._state_path(name).unlink(missing_ok=True)
-
-    def state(self, name: str) -> dict | None:
-        return self._read_state(name)
-
-
-def describe(status: ServiceStatus) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(status).items()}

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import psycopg
 
-from pipelines.core import migrations
+from pipelines.core import events, migrations
 from pipelines.core.config import Settings
 from pipelines.core.errors import StackError
 from pipelines.core.postgres import EmbeddedPostgres, server_for
@@ -73,8 +73,12 @@ class Stack:
         argv = [sys.executable, "-m", "pipelines.cli.main", "--stack", self.settings.stack_name]
         if self.settings.config_path:
             argv += ["--config", str(self.settings.config_path)]
-        return ServiceSpec(name=EVENTS_SERVICE, argv=[*argv, "events", "dispatch"],
-                           cwd=self.settings.root, start_timeout_s=30)
+        return ServiceSpec(
+            name=EVENTS_SERVICE,
+            argv=[*argv, "events", "dispatch"],
+            cwd=self.settings.root,
+            start_timeout_s=30,
+        )
 
     def up(self) -> list[str]:
         """Bring the stack up (idempotent); return what was done, for the user."""
@@ -87,8 +91,13 @@ class Stack:
                 done.append(f"created databases: {', '.join(created)}")
             applied = migrations.apply(self.dsn())
             if applied:
-                done.append("applied migrations: " +
-                            ", ".join(f"{m.version:04d}_{m.name}" for m in applied))
+                done.append(
+                    "applied migrations: " + ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
+                )
+            # Registered here, not by the dispatcher as it starts, so that every event emitted
+            # once `up` returns reaches the subscribers.
+            with self.connect(autocommit=True) as conn:
+                events.register(conn, self.settings.stack.events.subscribers)
             self.supervisor.start(self._events_spec())
         return done
 
@@ -105,11 +114,15 @@ class Stack:
 
     def status(self) -> list[ComponentStatus]:
         pg = self.postgres.status()
-        rows = [ComponentStatus(
-            "postgres" if self.embedded else "postgres (external)",
-            "healthy" if pg.healthy else pg.detail or "unhealthy",
-            pg.address, pg.pid, pg.log,
-        )]
+        rows = [
+            ComponentStatus(
+                "postgres" if self.embedded else "postgres (external)",
+                "healthy" if pg.healthy else pg.detail or "unhealthy",
+                pg.address,
+                pg.pid,
+                pg.log,
+            )
+        ]
         names = sorted({EVENTS_SERVICE, *self.supervisor.names()})
         for name in names:
             svc = self.supervisor.status(name)

@@ -1,0 +1,92 @@
+"""Fixtures: real embedded Postgres clusters in temporary project folders.
+
+Clusters are created with the same code as `cdl stack up`. Temporary folders live under /tmp with
+mode 755 because, when the tests run as root, Postgres runs as the `postgres` user and must be
+able to enter them (pytest's own tmp_path is private to the invoking user).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.core.config import load_settings
+from pipelines.core.stack import Stack
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_project(config: dict | None = None, name: str = "project") -> Path:
+    """A folder with a cdl.yaml, reachable by the postgres user."""
+    base = Path(tempfile.mkdtemp(prefix="cdl-test-"))
+    base.chmod(0o755)
+    folder = base / name
+    folder.mkdir()
+    folder.chmod(0o755)
+    config = config or {"default_stack": "local", "stacks": {"local": {"home": ".cdl"}}}
+    (folder / "cdl.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def stack_for(folder: Path, environ: dict | None = None, stack: str | None = None) -> Stack:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDL_")}
+    env.update(environ or {})
+    return Stack(load_settings(folder / "cdl.yaml", stack=stack, environ=env))
+
+
+def destroy(stack: Stack) -> None:
+    try:
+        stack.down()
+    finally:
+        shutil.rmtree(stack.settings.root.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def project_factory():
+    """Make throwaway projects; their stacks are stopped and removed afterwards."""
+    made: list[Stack] = []
+
+    def factory(config: dict | None = None, name: str = "project", environ: dict | None = None):
+        stack = stack_for(make_project(config, name), environ)
+        made.append(stack)
+        return stack
+
+    yield factory
+    for stack in made:
+        destroy(stack)
+
+
+@pytest.fixture(scope="session")
+def shared_stack():
+    """One running stack for the tests that only read and write rows."""
+    stack = stack_for(make_project())
+    stack.up()
+    yield stack
+    destroy(stack)
+
+
+@pytest.fixture
+def conn(shared_stack):
+    with shared_stack.connect(autocommit=True) as connection:
+        yield connection
+
+
+def cdl(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120):
+    """Run the real `cdl` command line in a subprocess."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CDL_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli.main", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,112 @@
+"""The `cdl` command line as a user runs it, in a subprocess."""
+
+import socket
+
+import pytest
+
+from tests.conftest import REPO, cdl, make_project
+
+COMMANDS = [
+    [],
+    ["stack"],
+    ["stack", "up"],
+    ["stack", "down"],
+    ["stack", "status"],
+    ["config"],
+    ["config", "show"],
+    ["lineage"],
+    ["lineage", "show"],
+    ["events"],
+    ["events", "tail"],
+    ["events", "emit"],
+    ["events", "wait"],
+    ["events", "dispatch"],
+    ["demo"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "cdl")
+def test_every_command_has_help(command):
+    result = cdl(*command, "--help", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+    # Each command says what it does in a sentence, not just its name.
+    text = " ".join(result.stdout.split())
+    assert len(text) > 200
+
+
+def test_version():
+    result = cdl("--version", cwd=REPO)
+    assert result.returncode == 0 and result.stdout.startswith("cdl 0.")
+
+
+def test_unknown_command_is_a_usage_error():
+    result = cdl("stak", "up", cwd=REPO)
+    assert result.returncode == 2
+    assert "No such command 'stak'" in result.stderr
+
+
+def test_stack_up_status_down_through_the_cli():
+    folder = make_project()
+    try:
+        up = cdl("stack", "up", cwd=folder)
+        assert up.returncode == 0, up.stderr
+        assert "initialised Postgres cluster" in up.stdout
+        status = cdl("stack", "status", cwd=folder)
+        assert status.returncode == 0, status.stdout
+        assert status.stdout.count("healthy") == 2
+        again = cdl("stack", "up", cwd=folder)
+        assert again.returncode == 0 and "initialised" not in again.stdout
+    finally:
+        down = cdl("stack", "down", cwd=folder)
+    assert down.returncode == 0 and "stopped: events, postgres" in down.stdout
+    after = cdl("stack", "status", cwd=folder)
+    assert after.returncode == 1 and "stopped" in after.stdout
+
+
+def test_occupied_port_is_a_one_line_error():
+    folder = make_project()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = cdl("stack", "up", cwd=folder, env={"CDL_POSTGRES__PORT": str(port)})
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert f"port {port} on 127.0.0.1 (postgres.port) is in use" in line
+    assert "fix: set postgres.port / CDL_POSTGRES__PORT to a free port" in line
+
+
+def test_unreachable_dsn_is_a_one_line_error():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder = make_project({"stacks": {"local": {}}})
+    result = cdl(
+        "stack",
+        "up",
+        cwd=folder,
+        env={"CDL_POSTGRES__DSN": f"postgresql://cdl:pw@127.0.0.1:{port}/cdl"},
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert (
+        f"cannot reach Postgres at 127.0.0.1:{port}" in line and "fix: check postgres.dsn" in line
+    )
+
+
+def test_commands_needing_the_database_say_to_start_the_stack():
+    folder = make_project()
+    result = cdl("events", "tail", cwd=folder)
+    assert result.returncode == 1
+    assert "run 'cdl stack up'" in result.stderr
+
+
+def test_demo_brings_the_stack_up_and_shows_it():
+    folder = make_project()
+    try:
+        result = cdl("demo", cwd=folder)
+        assert result.returncode == 0, result.stderr
+        assert "CDL demo" in result.stdout and result.stdout.count("healthy") == 2
+    finally:
+        cdl("stack", "down", cwd=folder)
