@@ -89,10 +89,9 @@ fi
 stamp=$(stamp_of setup/serving-constraints.txt)
 if needs_build "$VENVS/serving" "$stamp"; then
     say "serving environment ($VENVS/serving): seldon-core 1.18.2"
-    # seldon-core 1.18 still builds with pkg_resources, which setuptools 82 removed.
-    pip_quiet "$VENVS/serving/bin/pip" "setuptools<82" || fail "pip install setuptools<82 failed"
-    pip_quiet "$VENVS/serving/bin/pip" -c setup/serving-constraints.txt "seldon-core==1.18.2" \
-        || fail "pip install seldon-core failed"
+    # gunicorn under seldon-core 1.18 imports pkg_resources, which setuptools 82 removed.
+    pip_quiet "$VENVS/serving/bin/pip" -c setup/serving-constraints.txt "setuptools<82" \
+        "seldon-core==1.18.2" || fail "pip install seldon-core failed"
     echo "$stamp" > "$VENVS/serving/.cdl-stamp"
 fi
 

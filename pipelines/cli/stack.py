@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.table import Table
 
@@ -25,9 +27,19 @@ def status_table(rows: list[ComponentStatus]) -> Table:
             f"[{colour}]{row.health}[/]",
             row.address,
             str(row.pid or "-"),
-            str(row.log or "-"),
+            _short(row.log),
         )
     return table
+
+
+def _short(path: Path | None) -> str:
+    """A log path relative to the working directory when it is below it."""
+    if path is None:
+        return "-"
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 @app.command()

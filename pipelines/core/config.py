@@ -116,11 +116,8 @@ class Settings:
 
     @property
     def venvs(self) -> Path:
-        return self.home / "venvs"
-
-    @property
-    def logs(self) -> Path:
-        return self.home / "logs"
+        """The Label Studio and serving environments made by `make setup` (shared by all stacks)."""
+        return self.root / ".cdl" / "venvs"
 
 
 def find_config_file(environ: Mapping[str, str], cwd: Path) -> Path | None:
