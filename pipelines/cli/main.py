@@ -10,6 +10,7 @@ import typer
 
 from pipelines import __version__
 from pipelines.cli import config as config_cli
+from pipelines.cli import data as data_cli
 from pipelines.cli import demo as demo_cli
 from pipelines.cli import events as events_cli
 from pipelines.cli import lineage as lineage_cli
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(stack_cli.app, name="stack")
 app.add_typer(config_cli.app, name="config")
+app.add_typer(data_cli.app, name="data")
 app.add_typer(lineage_cli.app, name="lineage")
 app.add_typer(events_cli.app, name="events")
 app.command("demo")(demo_cli.demo)

@@ -89,9 +89,16 @@ class EventsConfig(_Strict):
         return self
 
 
+class ObjectStoreConfig(_Strict):
+    """Where file bytes of data commits are kept, addressed by sha256."""
+
+    path: Path | None = Field(None, description="local object store folder; default <home>/objects")
+
+
 class StackConfig(_Strict):
     home: Path = Field(Path(".cdl"), description="where the stack keeps its state, logs and venvs")
     postgres: PostgresConfig = PostgresConfig()
+    object_store: ObjectStoreConfig = ObjectStoreConfig()
     events: EventsConfig = EventsConfig()
 
 
@@ -259,9 +266,19 @@ def load_settings(
         problem, fix = _explain(exc, file_label, env_paths, f"stacks.{name}.")
         raise ConfigError(problem, fix) from exc
 
-    home = stack_config.home.expanduser()
+    def absolute(path: Path) -> Path:
+        path = path.expanduser()
+        return (path if path.is_absolute() else root / path).absolute()
+
+    home = absolute(stack_config.home)
+    objects = stack_config.object_store.path
     stack_config = stack_config.model_copy(
-        update={"home": (home if home.is_absolute() else root / home).absolute()}
+        update={
+            "home": home,
+            "object_store": ObjectStoreConfig(
+                path=absolute(objects) if objects else home / "objects"
+            ),
+        }
     )
     return Settings(
         stack_name=name,
