@@ -21,6 +21,17 @@ COMMANDS = [
     ["events", "emit"],
     ["events", "wait"],
     ["events", "dispatch"],
+    ["data"],
+    ["data", "repo", "create"],
+    ["data", "repo", "list"],
+    ["data", "repo", "delete"],
+    ["data", "put"],
+    ["data", "ls"],
+    ["data", "get"],
+    ["data", "log"],
+    ["data", "diff"],
+    ["data", "branch"],
+    ["data", "clean"],
     ["demo"],
 ]
 
