@@ -65,12 +65,12 @@ def test_stack_up_status_down_through_the_cli():
         assert "initialised Postgres cluster" in up.stdout
         status = cdl("stack", "status", cwd=folder)
         assert status.returncode == 0, status.stdout
-        assert status.stdout.count("healthy") == 2
+        assert status.stdout.count("healthy") == 3
         again = cdl("stack", "up", cwd=folder)
         assert again.returncode == 0 and "initialised" not in again.stdout
     finally:
         down = cdl("stack", "down", cwd=folder)
-    assert down.returncode == 0 and "stopped: events, postgres" in down.stdout
+    assert down.returncode == 0 and "stopped: events, pipelines, postgres" in down.stdout
     after = cdl("stack", "status", cwd=folder)
     assert after.returncode == 1 and "stopped" in after.stdout
 
@@ -118,6 +118,6 @@ def test_demo_brings_the_stack_up_and_shows_it():
     try:
         result = cdl("demo", cwd=folder)
         assert result.returncode == 0, result.stderr
-        assert "CDL demo" in result.stdout and result.stdout.count("healthy") == 2
+        assert "CDL demo" in result.stdout and result.stdout.count("healthy") == 3
     finally:
         cdl("stack", "down", cwd=folder)

@@ -46,6 +46,7 @@ def test_up_creates_cluster_databases_schema_and_dispatcher(project_factory):
     assert rows["postgres"].healthy and rows["postgres"].pid
     assert rows["postgres"].address.startswith("127.0.0.1:")
     assert rows["events"].healthy and psutil.pid_exists(rows["events"].pid)
+    assert rows["pipelines"].healthy and psutil.pid_exists(rows["pipelines"].pid)
     with stack.connect() as conn:
         dbs = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
         assert {"cdl", "mlflow", "label_studio", "optuna"} <= dbs
@@ -68,10 +69,11 @@ def test_down_then_up_keeps_data_and_migrations_apply_once(project_factory):
     stack = project_factory()
     stack.up()
     put_marker(stack, "kept")
-    assert set(stack.down()) == {"events", "postgres"}
+    assert set(stack.down()) == {"events", "pipelines", "postgres"}
     assert {r.service: r.health for r in stack.status()} == {
         "postgres": "stopped",
         "events": "stopped",
+        "pipelines": "stopped",
     }
     assert stack.down() == []
     done = stack.up()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,8 +12,9 @@ from rich.console import Console
 from pipelines.core.config import Settings, load_settings
 from pipelines.core.stack import Stack
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (grep, CI logs) gets wide lines instead of rich's default 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 @dataclass

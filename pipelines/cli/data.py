@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,6 +16,7 @@ from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console
 from pipelines.core.errors import CDLError
+from pipelines.data.engine import PipelineEngine
 from pipelines.data.repos import Commit, DataRepos, Ref
 
 app = typer.Typer(
@@ -93,6 +98,12 @@ def put(
     dest: str = typer.Option("/", "--path", "-p", help="Folder in the repo to put them under."),
     message: str = typer.Option("", "--message", "-m", help="Commit message."),
     author: Optional[str] = typer.Option(None, help="Default: $CDL_AUTHOR, else user@host."),
+    wait: bool = typer.Option(
+        False,
+        "--wait",
+        help="Run the pipeline jobs this triggers here, "
+        "and wait for them (and those they trigger).",
+    ),
 ) -> None:
     """Store files in a new commit on a branch (created if missing). Files already on the branch
     stay unless put again; identical bytes are stored once. Symbolic links and special files are
@@ -122,6 +133,8 @@ def put(
         f"{human(commit.size_bytes)}",
         highlight=False,
     )
+    if wait:
+        run_and_report(ctx)
 
 
 @app.command("ls")
@@ -258,3 +271,217 @@ def clean(ctx: typer.Context, repo: str = typer.Argument(..., help="The repo."))
     right now are left alone."""
     removed = repos(ctx).clean(repo)
     console.print(f"discarded {removed} open commit(s) in {repo}")
+
+
+# -- pipelines and jobs --------------------------------------------------------------------
+
+pipeline_app = typer.Typer(
+    help="Pipelines in the Pachyderm pipeline-spec format (JSON or YAML), run by the local "
+    "engine: each commit on an input branch triggers a job.",
+    no_args_is_help=True,
+)
+job_app = typer.Typer(
+    help="Jobs: one run of a pipeline over one set of input commits.", no_args_is_help=True
+)
+app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(job_app, name="job")
+
+
+def engine(ctx: typer.Context) -> PipelineEngine:
+    return PipelineEngine(cli_context(ctx).stack)
+
+
+def run_and_report(ctx: typer.Context) -> None:
+    """Run due jobs here and now (downstream ones too); exit 1 if one failed."""
+    jobs = engine(ctx).run_pending(progress=lambda line: err_console.print(line, highlight=False))
+    for job in jobs:
+        colour = "green" if job.state == "success" else "red"
+        console.print(
+            f"job {job.id[:12]} of {job.pipeline}: [{colour}]{job.state}[/] "
+            f"({job.datums_processed} run, {job.datums_skipped} reused, "
+            f"{job.datums_failed} failed)" + (f": {job.error}" if job.error else ""),
+            highlight=False,
+        )
+    if any(job.state != "success" for job in jobs):
+        raise typer.Exit(1)
+
+
+WAIT_HELP = "Run the jobs this triggers here, and wait for them (and those they trigger)."
+SPEC_OPTION = typer.Option(
+    ..., "--file", "-f", help="Pipeline spec (.json, .yaml or .yml).", exists=True, dir_okay=False
+)
+
+
+@pipeline_app.command("create")
+def pipeline_create(
+    ctx: typer.Context,
+    spec: Path = SPEC_OPTION,
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
+) -> None:
+    """Create a pipeline and its output repo (named after it). Its transform runs locally in the
+    spec's folder; a job starts as soon as every input branch has a commit."""
+    info = engine(ctx).create(spec)
+    console.print(f"created pipeline {info['name']} (output repo {info['name']})")
+    if wait:
+        run_and_report(ctx)
+
+
+@pipeline_app.command("update")
+def pipeline_update(
+    ctx: typer.Context,
+    spec: Path = SPEC_OPTION,
+    reprocess: bool = typer.Option(
+        False, "--reprocess", help="Run every datum again, even those whose input is unchanged."
+    ),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
+) -> None:
+    """Update a pipeline from its spec. A changed transform or changed code files make a new
+    version whose datums run again; otherwise only new or changed datums run."""
+    info = engine(ctx).create(spec, update=True, reprocess=reprocess)
+    console.print(f"updated pipeline {info['name']} to version {info['version']}")
+    if wait:
+        run_and_report(ctx)
+
+
+@pipeline_app.command("list")
+def pipeline_list(ctx: typer.Context) -> None:
+    """List pipelines with their inputs and last job."""
+    table = Table("pipeline", "version", "inputs", "last job", "started", "description")
+    for p in engine(ctx).list():
+        state = p["last_state"] or "-"
+        colour = {"success": "green", "failure": "red", "running": "yellow"}.get(state, "dim")
+        started = (
+            p["last_started"].astimezone().strftime("%m-%d %H:%M:%S") if p["last_started"] else "-"
+        )
+        table.add_row(
+            p["name"],
+            str(p["version"]),
+            p["inputs"] or "-",
+            f"[{colour}]{state}[/]",
+            started,
+            p["description"] or "",
+        )
+    console.print(table)
+
+
+@pipeline_app.command("inspect")
+def pipeline_inspect(ctx: typer.Context, name: str = typer.Argument(..., help="Pipeline.")) -> None:
+    """Show a pipeline's spec, where it runs and its latest jobs."""
+    info = engine(ctx).inspect(name)
+    console.print(
+        f"[bold]{name}[/] version {info['version']}, updated "
+        f"{info['updated_at'].astimezone():%Y-%m-%d %H:%M:%S}"
+    )
+    console.print(f"spec file: {info['spec_path']}\nruns in:   {info['workdir']}")
+    console.print_json(json.dumps(info["spec"]))
+    print_jobs(info["jobs"])
+
+
+@pipeline_app.command("delete")
+def pipeline_delete(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Pipeline."),
+    keep_repo: bool = typer.Option(False, "--keep-repo", help="Keep its output repo."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete a pipeline, its jobs and (unless --keep-repo) its output repo."""
+    if not yes and not typer.confirm(f"delete pipeline {name}?"):
+        raise typer.Abort()
+    engine(ctx).delete(name, keep_repo)
+    console.print(f"deleted pipeline {name}")
+
+
+def print_jobs(jobs) -> None:
+    table = Table(
+        "job", "pipeline", "state", "started", "datums: run/reused/failed", "output", "error"
+    )
+    table.columns[0].no_wrap = True
+    for j in jobs:
+        colour = {"success": "green", "failure": "red"}.get(j.state, "yellow")
+        table.add_row(
+            j.id[:12],
+            j.pipeline,
+            f"[{colour}]{j.state}[/]",
+            j.started_at.astimezone().strftime("%m-%d %H:%M:%S"),
+            f"{j.datums_total}: {j.datums_processed}/{j.datums_skipped}/{j.datums_failed}",
+            (j.output_commit or "-")[:12],
+            j.error or "",
+        )
+    console.print(table)
+
+
+@job_app.command("list")
+def job_list(
+    ctx: typer.Context,
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Only this pipeline."),
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many jobs."),
+) -> None:
+    """List jobs, newest first."""
+    print_jobs(engine(ctx).jobs(pipeline, limit))
+
+
+@job_app.command("inspect")
+def job_inspect(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="JOB")) -> None:
+    """Show a job: its input commits, datum counts, output commit and error."""
+    job = engine(ctx).job(job_id)
+    print_jobs([job])
+    for name, commit in job.input_commits.items():
+        console.print(f"input  {name}: {commit}")
+    if job.output_commit:
+        console.print(f"output {job.pipeline}@{job.output_commit}")
+    if job.error:
+        console.print(f"[red]error:[/] {job.error}", highlight=False)
+
+
+@job_app.command("logs")
+def job_logs(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., metavar="JOB"),
+    failed: bool = typer.Option(False, "--failed", help="Only datums that failed."),
+) -> None:
+    """Print the output of each datum a job ran (the last 32,000 characters of each)."""
+    for datum in engine(ctx).job_datums(job_id, "failed" if failed else None):
+        if datum["state"] == "skipped":
+            continue
+        console.rule(
+            f"{json.dumps(datum['inputs'])} {datum['state']}, {datum['attempts']} attempt(s)",
+            style="dim",
+        )
+        print(datum["log"], end="" if datum["log"].endswith("\n") else "\n")
+
+
+@app.command()
+def worker(ctx: typer.Context) -> None:
+    """Run pipeline jobs as commits arrive. `cdl stack up` runs this in the background as the
+    'pipelines' service; run it here to watch."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def say(line: str) -> None:
+        console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", highlight=False)
+
+    say("running pipeline jobs as commits arrive")
+    engine(ctx).serve(stop, say)
+
+
+@app.command()
+def provenance(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., metavar="REF", help="e.g. clean@master"),
+) -> None:
+    """Show every commit a commit was computed from, and the jobs that made them."""
+    data = repos(ctx)
+    commit = data.resolve(ref)
+    console.print(f"[bold]{commit.ref}[/] ({commit.origin}, {commit.file_count} files)")
+    for upstream in data.provenance(commit):
+        console.print(
+            f"  ← {upstream.ref} on {upstream.branch} ({upstream.origin}, "
+            f"{upstream.file_count} files, {when(upstream)})",
+            highlight=False,
+        )
+    jobs = [j for j in engine(ctx).jobs(commit.repo, limit=1000) if j.output_commit == commit.id]
+    for job in jobs:
+        console.print(
+            f"  made by job {job.id} of pipeline {job.pipeline} (version {job.pipeline_version})"
+        )

@@ -20,6 +20,7 @@ from pipelines.core.postgres import EmbeddedPostgres, server_for
 from pipelines.core.services import ServiceSpec, Supervisor
 
 EVENTS_SERVICE = "events"
+PIPELINES_SERVICE = "pipelines"
 
 
 @dataclass(frozen=True)
@@ -69,16 +70,21 @@ class Stack:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _events_spec(self) -> ServiceSpec:
+    def _cli_service(self, name: str, *command: str) -> ServiceSpec:
+        """A background `cdl` command of this stack, run by the platform venv's Python."""
         argv = [sys.executable, "-m", "pipelines.cli.main", "--stack", self.settings.stack_name]
         if self.settings.config_path:
             argv += ["--config", str(self.settings.config_path)]
         return ServiceSpec(
-            name=EVENTS_SERVICE,
-            argv=[*argv, "events", "dispatch"],
-            cwd=self.settings.root,
-            start_timeout_s=30,
+            name=name, argv=[*argv, *command], cwd=self.settings.root, start_timeout_s=30
         )
+
+    def services(self) -> list[ServiceSpec]:
+        """What `up` starts: the event dispatcher and the pipeline worker."""
+        return [
+            self._cli_service(EVENTS_SERVICE, "events", "dispatch"),
+            self._cli_service(PIPELINES_SERVICE, "data", "worker"),
+        ]
 
     def up(self) -> list[str]:
         """Bring the stack up (idempotent); return what was done, for the user."""
@@ -98,7 +104,8 @@ class Stack:
             # once `up` returns reaches the subscribers.
             with self.connect(autocommit=True) as conn:
                 events.register(conn, self.settings.stack.events.subscribers)
-            self.supervisor.start(self._events_spec())
+            for spec in self.services():
+                self.supervisor.start(spec)
         return done
 
     def down(self) -> list[str]:
@@ -123,7 +130,8 @@ class Stack:
                 pg.log,
             )
         ]
-        names = sorted({EVENTS_SERVICE, *self.supervisor.names()})
+        names = [s.name for s in self.services()]
+        names += [n for n in self.supervisor.names() if n not in names]
         for name in names:
             svc = self.supervisor.status(name)
             health = {"running": "healthy"}.get(svc.state, svc.state)

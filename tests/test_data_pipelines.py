@@ -1,0 +1,463 @@
+"""Pachyderm-format pipelines on the local engine: specs, datums, jobs, incrementality."""
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.core import events, lineage
+from pipelines.core.errors import CDLError
+from pipelines.data.datums import match
+from pipelines.data.engine import PipelineEngine
+from pipelines.data.repos import DataRepos, FileEntry, Ref
+from pipelines.data.spec import load_spec, parse_spec
+from tests.conftest import cdl
+
+# Copies each input file of the datum to /pfs/out under the same path, upper-cased.
+UPPER = [
+    'find "$src" -type f | while read -r f; do',
+    '  rel="${f#/pfs/src}"; mkdir -p "/pfs/out$(dirname "$rel")"',
+    '  tr a-z A-Z < "$f" > "/pfs/out$rel"',
+    "done",
+]
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def engine(shared_stack):
+    return PipelineEngine(shared_stack)
+
+
+@pytest.fixture
+def repos(shared_stack):
+    return DataRepos(shared_stack)
+
+
+def write_spec(folder: Path, spec: dict, suffix: str = ".yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{spec['pipeline']['name']}{suffix}"
+    path.write_text(json.dumps(spec) if suffix == ".json" else yaml.safe_dump(spec))
+    return path
+
+
+def simple_spec(name: str, repo: str, glob: str = "/*", stdin=None, **extra) -> dict:
+    return {
+        "pipeline": {"name": name},
+        "transform": {"cmd": ["sh", "-e"], "stdin": stdin or UPPER},
+        "input": {"pfs": {"repo": repo, "glob": glob, "name": "src"}},
+        **extra,
+    }
+
+
+def put(repos, repo: str, tmp: Path, files: dict[str, bytes]):
+    src = tmp / uuid.uuid4().hex
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    return repos.put(Ref.parse(repo), [src])[0]
+
+
+def contents(repos, ref: str) -> dict[str, bytes]:
+    commit = repos.resolve(ref)
+    return {f.path: b"".join(repos.store.read_chunks(f.sha256)) for f in repos.files(commit)}
+
+
+def settle(engine, name: str):
+    """Run what is due (the stack's worker may take some of it) and return the newest job."""
+    engine.run_pending()
+    return engine.jobs(name, limit=1)[0]
+
+
+@pytest.fixture
+def source(repos):
+    name = uid("src")
+    repos.create_repo(name)
+    return name
+
+
+# -- specs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"transform": {"cmdd": ["x"]}}, "transform.cmdd: unknown field"),
+        ({"colour": "blue"}, "colour: unknown field"),
+        ({"input": {"pfs": {"repo": "r", "glob": "*"}}}, "input.pfs.glob: .*must start with '/'"),
+        ({"input": {"pfs": {"repo": "r", "glob": "/[a*"}}}, "unclosed '\\['"),
+        ({"input": {"pfs": {"repo": "r", "glob": "/{a,b}"}}}, "use a union"),
+        ({"input": {"pfs": {"repo": "r", "glob": "/"}, "union": []}}, "exactly one of pfs"),
+        ({"input": {"cross": [{"pfs": {"repo": "r", "glob": "/"}}]}}, "at least two inputs"),
+        (
+            {
+                "input": {
+                    "cross": [
+                        {"pfs": {"repo": "r", "glob": "/"}},
+                        {"pfs": {"repo": "r", "glob": "/*"}},
+                    ]
+                }
+            },
+            "repeated: r",
+        ),
+        (
+            {
+                "input": {
+                    "join": [
+                        {"pfs": {"repo": "a", "glob": "/"}},
+                        {"pfs": {"repo": "b", "glob": "/"}},
+                    ]
+                }
+            },
+            "with 'join_on'",
+        ),
+        ({"datum_timeout": "soon"}, "is not like '30s'"),
+        ({"pipeline": {"name": "bad name"}}, "pipeline.name"),
+        ({"parallelism_spec": {"constant": 0}}, "parallelism_spec.constant"),
+        ({"transform": {"cmd": []}}, "transform.cmd"),
+        ({"input": {"pfs": {"repo": "p", "glob": "/"}}}, "cannot read its own output"),
+    ],
+)
+def test_spec_errors_name_the_field(change, message):
+    spec = {
+        "pipeline": {"name": "p"},
+        "transform": {"cmd": ["true"]},
+        "input": {"pfs": {"repo": "r", "glob": "/*"}},
+    }
+    spec.update(change)
+    with pytest.raises(CDLError, match=message):
+        parse_spec(spec, "spec.yaml")
+
+
+def test_spec_files_json_and_yaml(tmp_path):
+    spec = simple_spec(
+        "p", "r", description="d", datum_tries=1, resource_requests={"cpu": 1}, pod_patch="[]"
+    )
+    for suffix in (".json", ".yaml"):
+        loaded = load_spec(write_spec(tmp_path / suffix[1:], spec, suffix))
+        assert loaded.name == "p" and loaded.datum_tries == 1
+        assert loaded.input.pfs.input_name == "src"
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(CDLError, match="broken.json: not valid json"):
+        load_spec(broken)
+
+
+# -- datums ----------------------------------------------------------------------------------
+
+
+def entries(*paths):
+    return [FileEntry(p, "0" * 64, 1) for p in paths]
+
+
+@pytest.mark.parametrize(
+    "glob, expected",
+    [
+        ("/", {"/": 4}),
+        ("/*", {"/a": 2, "/b": 1, "/top.txt": 1}),
+        ("/*/*", {"/a/1.txt": 1, "/a/2.csv": 1, "/b/3.txt": 1}),
+        ("/*/*.txt", {"/a/1.txt": 1, "/b/3.txt": 1}),
+        ("/[ab]", {"/a": 2, "/b": 1}),
+        ("/**.txt", {"/a/1.txt": 1, "/b/3.txt": 1, "/top.txt": 1}),
+        ("/nothing/*", {}),
+    ],
+)
+def test_glob_matching(glob, expected):
+    files = entries("/a/1.txt", "/a/2.csv", "/b/3.txt", "/top.txt")
+    assert {k: len(v) for k, v in match(glob, files).items()} == expected
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+def test_pipeline_runs_commits_output_with_provenance_and_lineage(
+    engine, repos, source, tmp_path, conn
+):
+    first = put(repos, source, tmp_path, {"a/1.txt": b"one", "a/2.txt": b"two", "b/3.txt": b"x"})
+    name = uid("up")
+    engine.create(write_spec(tmp_path / "specs", simple_spec(name, source)))
+    job = settle(engine, name)
+    assert (job.state, job.datums_total, job.datums_processed) == ("success", 2, 2)
+    assert contents(repos, name) == {"/a/1.txt": b"ONE", "/a/2.txt": b"TWO", "/b/3.txt": b"X"}
+    output = repos.resolve(name)
+    assert output.origin == "pipeline" and output.id == job.output_commit
+    assert [c.id for c in repos.provenance(output)] == [first.id]
+    tree = lineage.tree(conn, output.lineage_id)
+    assert tree.children[0].id == job.lineage_id
+    assert tree.children[0].children[0].id == first.lineage_id
+    finished = [
+        e for e in events.recent(conn, 50, ["data.job.finished"]) if e.payload.get("job") == job.id
+    ]
+    assert finished and finished[0].payload["state"] == "success"
+
+
+def test_incremental_jobs_run_only_new_or_changed_datums(engine, repos, source, tmp_path):
+    put(repos, source, tmp_path, {f"d{i}/f.txt": f"file {i}".encode() for i in range(5)})
+    name = uid("inc")
+    spec_path = write_spec(tmp_path / "specs", simple_spec(name, source))
+    engine.create(spec_path)
+    assert settle(engine, name).datums_processed == 5
+
+    put(repos, source, tmp_path, {"d5/f.txt": b"new", "d0/f.txt": b"changed"})
+    job = settle(engine, name)
+    assert (job.datums_total, job.datums_processed, job.datums_skipped) == (6, 2, 4)
+    assert contents(repos, name)["/d0/f.txt"] == b"CHANGED"
+    assert len(contents(repos, name)) == 6
+
+    # An update that changes nothing runs nothing; --reprocess runs every datum again.
+    assert engine.create(spec_path, update=True)["version"] == 2
+    assert engine.pending() == [] or name not in engine.pending()
+    engine.create(spec_path, update=True, reprocess=True)
+    job = settle(engine, name)
+    assert (job.datums_processed, job.datums_skipped) == (6, 0)
+
+
+def test_changed_code_file_makes_a_new_version(engine, repos, source, tmp_path):
+    put(repos, source, tmp_path, {"a.txt": b"a", "b.txt": b"b"})
+    name = uid("code")
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    # Code gets /pfs paths as arguments: they are rewritten in cmd and stdin, not inside files.
+    (folder / "step.sh").write_text('cp "$1" "$2/"\n')
+    spec = simple_spec(name, source, stdin=['sh step.sh "$src" /pfs/out'])
+    path = write_spec(folder, spec)
+    engine.create(path)
+    job = settle(engine, name)
+    assert job.datums_processed == 2, job.error
+    (folder / "step.sh").write_text('tr a-z A-Z < "$1" > "$2/$(basename "$1")"\n')
+    engine.create(path, update=True)
+    job = settle(engine, name)
+    assert job.datums_processed == 2
+    assert contents(repos, name) == {"/a.txt": b"A", "/b.txt": b"B"}
+
+
+def test_failing_datum_is_retried_then_fails_the_job(engine, repos, source, tmp_path):
+    put(repos, source, tmp_path, {"good.txt": b"fine", "bad.txt": b"boom"})
+    attempts = tmp_path / "attempts.log"
+    stdin = [
+        f'echo try >> "{attempts}"',
+        'if grep -q boom "$src"; then echo "cannot parse $(basename $src)" >&2; exit 3; fi',
+        'cp "$src" /pfs/out/',
+    ]
+    name = uid("fail")
+    engine.create(write_spec(tmp_path, simple_spec(name, source, stdin=stdin, datum_tries=2)))
+    job = settle(engine, name)
+    assert job.state == "failure" and job.output_commit is None
+    assert '{"src": "/bad.txt"} failed after 2 attempt(s): exit code 3' in job.error
+    assert "cannot parse bad.txt" in job.error
+    assert attempts.read_text().count("try") == 3  # good once, bad twice
+    [failed] = engine.job_datums(job.id, "failed")
+    assert "cannot parse bad.txt" in failed["log"] and failed["attempts"] == 2
+    with pytest.raises(CDLError, match="has no commits yet"):
+        repos.resolve(name)
+    # The same inputs are not retried forever; a new commit is.
+    assert name not in engine.pending()
+    put(repos, source, tmp_path, {"bad.txt": b"fixed"})
+    job = settle(engine, name)
+    assert job.state == "success" and job.datums_skipped == 1
+
+
+def test_datums_run_in_parallel(engine, repos, source, tmp_path):
+    put(repos, source, tmp_path, {f"{i}.txt": b"x" for i in range(4)})
+    spans = tmp_path / "spans"
+    stdin = [
+        f'echo "start $(date +%s.%N)" >> "{spans}"',
+        "sleep 0.5",
+        f'echo "end $(date +%s.%N)" >> "{spans}"',
+        'cp "$src" /pfs/out/',
+    ]
+    name = uid("par")
+    engine.create(
+        write_spec(
+            tmp_path, simple_spec(name, source, stdin=stdin, parallelism_spec={"constant": 4})
+        )
+    )
+    assert settle(engine, name).datums_processed == 4
+    marks = sorted(
+        (float(t), kind) for kind, t in (line.split() for line in spans.read_text().splitlines())
+    )
+    running = peak = 0
+    for _, kind in marks:
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak >= 2
+
+
+def test_pfs_paths_are_rewritten_in_cmd_env_and_stdin(engine, repos, source, tmp_path):
+    put(repos, source, tmp_path, {"in.txt": b"data"})
+    name = uid("pfs")
+    spec = {
+        "pipeline": {"name": name},
+        "transform": {
+            "cmd": ["sh", "-c", 'cp /pfs/src/in.txt "$TARGET" && sh', "ignored"],
+            "env": {"TARGET": "/pfs/out/copied.txt"},
+            "stdin": ['echo "$src" | sed "s|.*/pfs/|/pfs/|" > /pfs/out/where.txt'],
+        },
+        "input": {"pfs": {"repo": source, "glob": "/", "name": "src"}},
+    }
+    engine.create(write_spec(tmp_path, spec))
+    assert settle(engine, name).state == "success"
+    out = contents(repos, name)
+    assert out["/copied.txt"] == b"data"
+    # The input's variable points at its local mount, a private folder ending in /pfs/src.
+    where = out["/where.txt"].decode()
+    assert where.endswith("/pfs/src\n") and not where.startswith("/pfs/")
+
+
+def test_cross_union_and_join(engine, repos, tmp_path):
+    left, right = uid("left"), uid("right")
+    repos.create_repo(left)
+    repos.create_repo(right)
+    put(repos, left, tmp_path, {"1.txt": b"L1", "2.txt": b"L2", "3.txt": b"L3"})
+    put(repos, right, tmp_path, {"1.txt": b"R1", "2.txt": b"R2"})
+    both = 'cat "$l" "$r" > "/pfs/out/$(basename "$l")-$(basename "$r")"'
+    either = (
+        'for f in "${l:-}" "${r:-}"; do [ -n "$f" ] && '
+        'cp "$f" "/pfs/out/$(basename $(dirname $f))-$(basename $f)"; done; true'
+    )
+
+    def pipeline(kind, command, left_extra=None, right_extra=None):
+        name = uid(kind)
+        leaves = [
+            {"pfs": {"repo": left, "glob": "/*", "name": "l", **(left_extra or {})}},
+            {"pfs": {"repo": right, "glob": "/*", "name": "r", **(right_extra or {})}},
+        ]
+        spec = {
+            "pipeline": {"name": name},
+            "transform": {"cmd": ["sh"], "stdin": [command]},
+            "input": {kind: leaves},
+        }
+        engine.create(write_spec(tmp_path / kind, spec))
+        assert settle(engine, name).state == "success"
+        return contents(repos, name)
+
+    assert len(pipeline("cross", both)) == 6
+    assert pipeline(
+        "join", both, {"glob": "/(*).txt", "join_on": "$1"}, {"glob": "/(*).txt", "join_on": "$1"}
+    ) == {"/1.txt-1.txt": b"L1R1", "/2.txt-2.txt": b"L2R2"}
+    outer = pipeline(
+        "join",
+        either,
+        {"glob": "/(*).txt", "join_on": "$1", "outer_join": True},
+        {"glob": "/(*).txt", "join_on": "$1"},
+    )
+    assert "/l-3.txt" in outer and len(outer) == 5
+    assert len(pipeline("union", either)) == 5
+
+
+def test_datum_timeout(engine, repos, source, tmp_path):
+    put(repos, source, tmp_path, {"slow.txt": b"x"})
+    name = uid("slow")
+    engine.create(
+        write_spec(
+            tmp_path,
+            simple_spec(name, source, stdin=["sleep 30"], datum_timeout="1s", datum_tries=1),
+        )
+    )
+    job = settle(engine, name)
+    assert job.state == "failure" and "timed out after 1s (datum_timeout)" in job.error
+
+
+def test_two_datums_writing_one_path_fail_the_job(engine, repos, source, tmp_path):
+    put(repos, source, tmp_path, {"a.txt": b"a", "b.txt": b"b"})
+    name = uid("clash")
+    engine.create(
+        write_spec(tmp_path, simple_spec(name, source, stdin=['cp "$src" /pfs/out/same.txt']))
+    )
+    job = settle(engine, name)
+    assert job.state == "failure" and "both wrote /same.txt" in job.error
+
+
+def test_missing_command_and_input_repo(engine, repos, source, tmp_path):
+    put(repos, source, tmp_path, {"a.txt": b"a"})
+    name = uid("nocmd")
+    spec = simple_spec(name, source)
+    spec["transform"] = {"cmd": ["no-such-tool-anywhere"]}
+    engine.create(write_spec(tmp_path, spec))
+    job = settle(engine, name)
+    assert "cannot run 'no-such-tool-anywhere'" in job.error
+    with pytest.raises(CDLError, match="no repo 'missing-repo'"):
+        engine.create(write_spec(tmp_path / "x", simple_spec(uid("p"), "missing-repo")))
+    with pytest.raises(CDLError, match="already exists"):
+        engine.create(write_spec(tmp_path / "y", simple_spec(name, source)))
+
+
+def test_chained_pipelines_and_interrupted_job(engine, repos, source, tmp_path, shared_stack):
+    put(repos, source, tmp_path, {"x/a.txt": b"abc"})
+    first, second = uid("first"), uid("second")
+    engine.create(write_spec(tmp_path, simple_spec(first, source)))
+    engine.create(
+        write_spec(
+            tmp_path,
+            simple_spec(
+                second,
+                first,
+                stdin=[
+                    'for f in $(find "$src" -type f); do rev < "$f" > "/pfs/out/${f##*/}"; done'
+                ],
+            ),
+        )
+    )
+    engine.run_pending()
+    assert contents(repos, second) == {"/a.txt": b"CBA"}
+    with shared_stack.connect(autocommit=True) as conn:  # a job whose runner was killed
+        conn.execute(
+            """INSERT INTO pipeline_jobs (id, pipeline, pipeline_version, version_hash,
+                                          input_commits, state)
+               VALUES (%s, %s, 1, 'x', '{}', 'running')""",
+            [uuid.uuid4().hex, first],
+        )
+    put(repos, source, tmp_path, {"x/b.txt": b"def"})
+    engine.run_pending()
+    states = [j.state for j in engine.jobs(first)]
+    assert states[0] == "success" and "failure" in states
+    interrupted = [j for j in engine.jobs(first) if j.state == "failure"][0]
+    assert "interrupted" in interrupted.error
+    assert contents(repos, second) == {"/a.txt": b"CBA", "/b.txt": b"FED"}
+
+
+def test_stack_worker_runs_jobs_in_the_background(engine, repos, source, tmp_path):
+    put(repos, source, tmp_path, {"w.txt": b"worker"})
+    name = uid("bg")
+    engine.create(write_spec(tmp_path, simple_spec(name, source)))
+    deadline = time.monotonic() + 30
+    while not engine.jobs(name) or engine.jobs(name)[0].state == "running":
+        assert time.monotonic() < deadline, "the worker did not run the job"
+        time.sleep(0.2)
+    assert engine.jobs(name)[0].state == "success"
+    assert contents(repos, name) == {"/w.txt": b"WORKER"}
+
+
+def test_cli(shared_stack, repos, source, tmp_path):
+    folder = shared_stack.settings.root
+    src = tmp_path / "files"
+    src.mkdir()
+    (src / "hello.txt").write_text("hello")
+    name = uid("cli")
+    spec = write_spec(tmp_path / "specs", simple_spec(name, source))
+    created = cdl("data", "pipeline", "create", "-f", str(spec), cwd=folder)
+    assert created.returncode == 0, created.stderr
+    put_result = cdl("data", "put", source, str(src), "--wait", cwd=folder)
+    assert put_result.returncode == 0, put_result.stderr
+    assert cdl("data", "get", f"{name}:/hello.txt", cwd=folder).stdout == "HELLO"
+    listing = cdl("data", "pipeline", "list", cwd=folder)
+    assert name in listing.stdout and "success" in listing.stdout
+    job_id = PipelineEngine(shared_stack).jobs(name)[0].id
+    assert job_id[:12] in cdl("data", "job", "list", "-p", name, cwd=folder).stdout
+    assert "input" in cdl("data", "job", "inspect", job_id[:10], cwd=folder).stdout
+    prov = cdl("data", "provenance", name, cwd=folder)
+    assert source in prov.stdout and job_id in prov.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**simple_spec(uid("b"), source), "paralelism": 2}))
+    refused = cdl("data", "pipeline", "create", "-f", str(bad), cwd=folder)
+    assert refused.returncode == 1 and "paralelism: unknown field" in refused.stderr
+    deleted = cdl("data", "pipeline", "delete", name, "-y", cwd=folder)
+    assert deleted.returncode == 0, deleted.stderr
+    assert name not in cdl("data", "repo", "list", cwd=folder).stdout
+    assert os.path.exists(spec)
