@@ -32,6 +32,17 @@ COMMANDS = [
     ["data", "diff"],
     ["data", "branch"],
     ["data", "clean"],
+    ["data", "stats"],
+    ["data", "provenance"],
+    ["data", "worker"],
+    ["data", "pipeline", "create"],
+    ["data", "pipeline", "update"],
+    ["data", "pipeline", "list"],
+    ["data", "pipeline", "inspect"],
+    ["data", "pipeline", "delete"],
+    ["data", "job", "list"],
+    ["data", "job", "inspect"],
+    ["data", "job", "logs"],
     ["demo"],
 ]
 
@@ -119,5 +130,11 @@ def test_demo_brings_the_stack_up_and_shows_it():
         result = cdl("demo", cwd=folder)
         assert result.returncode == 0, result.stderr
         assert "CDL demo" in result.stdout and result.stdout.count("healthy") == 3
+        assert "put 12 files into demo-articles@" in result.stdout
+        assert "stats: 12 samples" in result.stdout
+        assert "job" in result.stdout and "success, 3 datums run, 0 reused" in result.stdout
+        again = cdl("demo", cwd=folder)
+        assert again.returncode == 0, again.stderr
+        assert "success, 0 datums run, 3 reused" in again.stdout
     finally:
         cdl("stack", "down", cwd=folder)

@@ -16,8 +16,11 @@ from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console
 from pipelines.core.errors import CDLError
+from pipelines.data import formats
 from pipelines.data.engine import PipelineEngine
+from pipelines.data.pachyderm import PachydermData
 from pipelines.data.repos import Commit, DataRepos, Ref
+from pipelines.data.spec import load_spec
 
 app = typer.Typer(
     help="Versioned data: repos, branches and immutable commits of files (Pachyderm semantics). "
@@ -29,7 +32,19 @@ repo_app = typer.Typer(help="Create, list and delete repos.", no_args_is_help=Tr
 app.add_typer(repo_app, name="repo")
 
 
+def pachyderm(ctx: typer.Context) -> PachydermData | None:
+    """The Pachyderm backend when the stack's data engine is pachyderm, else None."""
+    data = cli_context(ctx).settings.stack.data
+    return PachydermData(data.pachd_address) if data.engine == "pachyderm" else None
+
+
 def repos(ctx: typer.Context) -> DataRepos:
+    """The local engine's repos; commands that only it can serve stop here on Pachyderm."""
+    if cli_context(ctx).settings.stack.data.engine != "local":
+        raise CDLError(
+            f"'cdl data {ctx.info_name}' needs the local data engine; this stack uses Pachyderm",
+            "use pachctl for it, or select a stack with data.engine: local",
+        )
     return DataRepos(cli_context(ctx).stack)
 
 
@@ -55,13 +70,18 @@ def repo_create(
     description: str = typer.Option("", "--description", "-d", help="What the repo holds."),
 ) -> None:
     """Create a repo with an empty 'master' branch."""
-    repos(ctx).create_repo(name, description)
+    backend = pachyderm(ctx) or repos(ctx)
+    backend.create_repo(name, description)
     console.print(f"created repo {name}")
 
 
 @repo_app.command("list")
 def repo_list(ctx: typer.Context) -> None:
     """List repos with their branches, commits and the size of master."""
+    if pach := pachyderm(ctx):
+        for name in pach.list_repos():
+            console.print(name)
+        return
     table = Table("repo", "branches", "commits", "files", "size", "created", "description")
     for r in repos(ctx).list_repos():
         table.add_row(
@@ -86,7 +106,7 @@ def repo_delete(
     commits computed from it. File bytes shared with other commits stay in the object store."""
     if not yes and not typer.confirm(f"delete repo {name} and all its commits?"):
         raise typer.Abort()
-    repos(ctx).delete_repo(name)
+    (pachyderm(ctx) or repos(ctx)).delete_repo(name)
     console.print(f"deleted repo {name}")
 
 
@@ -108,6 +128,11 @@ def put(
     """Store files in a new commit on a branch (created if missing). Files already on the branch
     stay unless put again; identical bytes are stored once. Symbolic links and special files are
     skipped and listed. The commit appears whole or not at all."""
+    if pach := pachyderm(ctx):
+        parsed = Ref.parse(target)
+        commit_id = pach.put(parsed.repo, parsed.name or "master", paths, dest, message)
+        console.print(f"committed {parsed.repo}@{commit_id} on pachd {pach.address}")
+        return
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -145,6 +170,10 @@ def ls(
 ) -> None:
     """List the files and folders at PATH (default: the root) of a commit."""
     parsed = Ref.parse(ref)
+    if pach := pachyderm(ctx):
+        for path, size in pach.files(parsed.repo, parsed.name or "master", parsed.path or "/"):
+            print(f"{size:>12}  {path}")
+        return
     data = repos(ctx)
     commit = data.resolve(parsed)
     if recursive:
@@ -173,6 +202,9 @@ def get(
 ) -> None:
     """Write a file of a commit to stdout or a file, or a folder to a local folder."""
     parsed = Ref.parse(ref)
+    if (pach := pachyderm(ctx)) and output is not None:
+        pach.get(parsed.repo, parsed.name or "master", parsed.path or "/", output)
+        return
     data = repos(ctx)
     commit = data.resolve(parsed)
     path = parsed.path or "/"
@@ -288,6 +320,7 @@ app.add_typer(job_app, name="job")
 
 
 def engine(ctx: typer.Context) -> PipelineEngine:
+    repos(ctx)  # the local engine only
     return PipelineEngine(cli_context(ctx).stack)
 
 
@@ -319,7 +352,12 @@ def pipeline_create(
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
     """Create a pipeline and its output repo (named after it). Its transform runs locally in the
-    spec's folder; a job starts as soon as every input branch has a commit."""
+    spec's folder; a job starts as soon as every input branch has a commit. On a stack whose
+    data engine is pachyderm, the same spec is sent to pachd."""
+    if pach := pachyderm(ctx):
+        pach.create_pipeline(load_spec(spec))
+        console.print(f"created pipeline on pachd {pach.address}")
+        return
     info = engine(ctx).create(spec)
     console.print(f"created pipeline {info['name']} (output repo {info['name']})")
     if wait:
@@ -337,6 +375,10 @@ def pipeline_update(
 ) -> None:
     """Update a pipeline from its spec. A changed transform or changed code files make a new
     version whose datums run again; otherwise only new or changed datums run."""
+    if pach := pachyderm(ctx):
+        pach.create_pipeline(load_spec(spec), update=True, reprocess=reprocess)
+        console.print(f"updated pipeline on pachd {pach.address}")
+        return
     info = engine(ctx).create(spec, update=True, reprocess=reprocess)
     console.print(f"updated pipeline {info['name']} to version {info['version']}")
     if wait:
@@ -387,7 +429,10 @@ def pipeline_delete(
     """Delete a pipeline, its jobs and (unless --keep-repo) its output repo."""
     if not yes and not typer.confirm(f"delete pipeline {name}?"):
         raise typer.Abort()
-    engine(ctx).delete(name, keep_repo)
+    if pach := pachyderm(ctx):
+        pach.delete_pipeline(name)
+    else:
+        engine(ctx).delete(name, keep_repo)
     console.print(f"deleted pipeline {name}")
 
 
@@ -485,3 +530,39 @@ def provenance(
         console.print(
             f"  made by job {job.id} of pipeline {job.pipeline} (version {job.pipeline_version})"
         )
+
+
+@app.command()
+def stats(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., metavar="REF", help="e.g. fashion@master"),
+    fmt: Optional[str] = typer.Option(
+        None,
+        "--format",
+        "-f",
+        help="folder, idx, csv, txt, voc or coco (default: detected from the files).",
+    ),
+    label_column: Optional[str] = typer.Option(
+        None, help="CSV: the label column (default: 'label', else the last column)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
+) -> None:
+    """Count samples and samples per class of a commit's dataset, with sizes, and store the
+    figures with the commit."""
+    data = repos(ctx)
+    commit = data.resolve(ref)
+    result = formats.compute(data, commit, fmt, label_column)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    console.print(
+        f"[bold]{commit.repo}@{commit.id[:12]}[/]: {result.format} format, "
+        f"{result.samples} samples, {len(result.classes)} classes, {human(result.bytes)}"
+    )
+    table = Table("class", "samples", "share")
+    total = sum(result.classes.values()) or 1
+    for name, count in result.classes.items():
+        table.add_row(name, str(count), f"{count / total:.1%}")
+    console.print(table)
+    for key, value in result.details.items():
+        console.print(f"{key}: {json.dumps(value)}", highlight=False, soft_wrap=True)

@@ -95,10 +95,20 @@ class ObjectStoreConfig(_Strict):
     path: Path | None = Field(None, description="local object store folder; default <home>/objects")
 
 
+class DataConfig(_Strict):
+    """Which engine holds versioned data and runs pipelines."""
+
+    engine: Literal["local", "pachyderm"] = Field(
+        "local", description="local: repos in Postgres + object store; pachyderm: a pachd"
+    )
+    pachd_address: str = Field("grpc://localhost:30650", description="with engine: pachyderm")
+
+
 class StackConfig(_Strict):
     home: Path = Field(Path(".cdl"), description="where the stack keeps its state, logs and venvs")
     postgres: PostgresConfig = PostgresConfig()
     object_store: ObjectStoreConfig = ObjectStoreConfig()
+    data: DataConfig = DataConfig()
     events: EventsConfig = EventsConfig()
 
 

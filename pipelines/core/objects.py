@@ -1,9 +1,9 @@
 """The object store: file bytes addressed by their sha256, so identical bytes are stored once.
 
 The local store is a directory `objects/ab/cdef...` (the first two hex digits fan out). An object
-is written to a temporary file and renamed into place, so a reader never sees half an object and a
-crash leaves at most a stray temporary file. Files are hashed while they are copied, in chunks:
-nothing is ever read whole into memory except small files.
+is written to a temporary file (`.tmp-*`) and renamed into place, so a reader never sees half an
+object and a crash leaves at most a stray temporary file. Files are hashed while they are copied,
+in chunks: nothing is ever read whole into memory except small files.
 """
 
 from __future__ import annotations
@@ -27,11 +27,7 @@ class LocalObjectStore:
     def __init__(self, root: Path):
         self.root = root
         self.objects = root / "objects"
-        self.tmp = root / "tmp"
-
-    def _ensure(self) -> None:
-        self.objects.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._made: set[str] = set()  # fan-out folders known to exist
 
     def path(self, sha256: str) -> Path:
         return self.objects / sha256[:2] / sha256[2:]
@@ -39,22 +35,26 @@ class LocalObjectStore:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def _place(self, tmp_path: str, sha256: str) -> None:
-        target = self.path(sha256)
-        if target.exists():
-            os.unlink(tmp_path)
-            return
-        target.parent.mkdir(exist_ok=True)
-        os.replace(tmp_path, target)
+    def _folder(self, sha256: str) -> str:
+        folder = os.path.join(self.objects, sha256[:2])
+        if folder not in self._made:
+            os.makedirs(folder, exist_ok=True)
+            self._made.add(folder)
+        return folder
+
+    def _temporary(self, folder: str) -> tuple[int, str]:
+        """A new temporary file beside its final place, so the rename stays in one folder."""
+        return tempfile.mkstemp(dir=folder, prefix=".tmp-")
 
     def put_bytes(self, data: bytes) -> tuple[str, int]:
-        self._ensure()
         sha256 = hashlib.sha256(data).hexdigest()
-        if not self.has(sha256):
-            fd, tmp_path = tempfile.mkstemp(dir=self.tmp)
+        folder = self._folder(sha256)
+        target = os.path.join(folder, sha256[2:])
+        if not os.path.exists(target):
+            fd, tmp_path = self._temporary(folder)
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
-            self._place(tmp_path, sha256)
+            os.replace(tmp_path, target)  # identical bytes: a concurrent writer's copy is equal
         return sha256, len(data)
 
     def put_file(self, source: Path) -> tuple[str, int]:
@@ -66,20 +66,21 @@ class LocalObjectStore:
             return self.put_stream(src)
 
     def put_stream(self, src: BinaryIO) -> tuple[str, int]:
-        self._ensure()
+        self.objects.mkdir(parents=True, exist_ok=True)
         digest, size = hashlib.sha256(), 0
-        fd, tmp_path = tempfile.mkstemp(dir=self.tmp)
+        fd, tmp_path = self._temporary(str(self.objects))
         try:
             with os.fdopen(fd, "wb") as out:
                 while chunk := src.read(CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
+            sha256 = digest.hexdigest()
+            os.replace(tmp_path, os.path.join(self._folder(sha256), sha256[2:]))
         except BaseException:
-            os.unlink(tmp_path)
+            if os.path.exists(tmp_path):
+                os.unlink(tmp_path)
             raise
-        sha256 = digest.hexdigest()
-        self._place(tmp_path, sha256)
         return sha256, size
 
     def open(self, sha256: str) -> BinaryIO:

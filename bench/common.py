@@ -1,0 +1,75 @@
+"""Shared pieces of the benchmarks: a throwaway stack, the `cdl` command, peak memory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines.core.config import load_settings  # noqa: E402
+from pipelines.core.stack import Stack  # noqa: E402
+
+
+@contextmanager
+def throwaway_stack() -> Iterator[Stack]:
+    """A running stack in a fresh folder under /tmp, removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="cdl-bench-"))
+    base.chmod(0o755)
+    (base / "cdl.yaml").write_text("stacks:\n  local:\n    home: .cdl\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDL_")}
+    stack = Stack(load_settings(base / "cdl.yaml", environ=env))
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def cdl(stack: Stack, *args: str) -> tuple[float, int]:
+    """Run `cdl ARGS` in the stack's folder; return (seconds, peak RSS in bytes)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli.main", *args],
+        cwd=stack.settings.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    peak = watch_peak_rss(proc)
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"cdl {' '.join(args)} failed: {err.decode()[-2000:]}")
+    return time.perf_counter() - start, peak
+
+
+def watch_peak_rss(proc: subprocess.Popen) -> int:
+    peak = 0
+    handle = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            peak = max(peak, handle.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.01)
+    return peak
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_shell(command: str) -> float:
+    return timed(lambda: subprocess.run(command, shell=True, check=True, stdout=subprocess.DEVNULL))
