@@ -163,3 +163,11 @@ def test_cli_config_show_masks_passwords(tmp_path):
     assert shown["settings"]["postgres"]["dsn"] == "postgresql://u:***@db.example:5432/cdl"
     assert shown["overridden_by"] == ["CDL_POSTGRES__DSN"]
     assert shown["stack"] == "local"
+
+
+def test_s3_object_store_needs_a_bucket(tmp_path):
+    path = write(tmp_path, {"stacks": {"local": {"object_store": {"kind": "s3"}}}})
+    with pytest.raises(ConfigError, match="stacks.local.object_store: an s3 object store needs"):
+        load_settings(path, environ={})
+    settings = load_settings(path, environ={"CDL_OBJECT_STORE__BUCKET": "team-data"})
+    assert settings.stack.object_store.bucket == "team-data"

@@ -92,7 +92,17 @@ class EventsConfig(_Strict):
 class ObjectStoreConfig(_Strict):
     """Where file bytes of data commits are kept, addressed by sha256."""
 
-    path: Path | None = Field(None, description="local object store folder; default <home>/objects")
+    kind: Literal["local", "s3"] = "local"
+    path: Path | None = Field(None, description="local: the folder; default <home>/objects")
+    bucket: str | None = Field(None, description="s3: the bucket (credentials: AWS_* env)")
+    prefix: str = Field("cdl-objects", description="s3: key prefix inside the bucket")
+    endpoint_url: str | None = Field(None, description="s3: e.g. a MinIO URL; default AWS")
+
+    @model_validator(mode="after")
+    def _bucket_for_s3(self) -> "ObjectStoreConfig":
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("an s3 object store needs 'bucket'")
+        return self
 
 
 class DataConfig(_Strict):
@@ -285,8 +295,8 @@ def load_settings(
     stack_config = stack_config.model_copy(
         update={
             "home": home,
-            "object_store": ObjectStoreConfig(
-                path=absolute(objects) if objects else home / "objects"
+            "object_store": stack_config.object_store.model_copy(
+                update={"path": absolute(objects) if objects else home / "objects"}
             ),
         }
     )

@@ -1,4 +1,5 @@
-"""The object store: file bytes addressed by their sha256, so identical bytes are stored once.
+"""The object store: file bytes addressed by their sha256, so identical bytes are stored once,
+in a local folder (the default) or an S3 bucket.
 
 The local store is a directory `objects/ab/cdef...` (the first two hex digits fan out). An object
 is written to a temporary file (`.tmp-*`) and renamed into place, so a reader never sees half an
@@ -14,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from pipelines.core.errors import CDLError
 
 CHUNK = 1 << 20
 SMALL = 1 << 20  # read in one go below this size
@@ -102,3 +105,123 @@ class LocalObjectStore:
             raise ObjectMissing(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
+
+
+class S3ObjectStore:
+    """The same store in an S3 bucket (AWS, MinIO, any S3 endpoint): keys `PREFIX/ab/cdef...`.
+
+    Credentials come from the usual AWS environment or config files, never from cdl.yaml. An
+    upload is a single PUT (or a multipart upload completed in one call), so a key is either
+    absent or whole. Large files are hashed in one pass and uploaded in a second: the key is the
+    hash, and nothing is held in memory.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None):
+        try:
+            import boto3
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError as exc:
+            raise CDLError(
+                "the S3 object store needs boto3", "pip install 'cdl[s3]' in the platform venv"
+            ) from exc
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.client = boto3.client("s3", endpoint_url=endpoint_url)
+        self._errors = (BotoCoreError, ClientError)
+
+    def key(self, sha256: str) -> str:
+        name = f"{sha256[:2]}/{sha256[2:]}"
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _fail(self, what: str, exc: Exception) -> CDLError:
+        where = f"s3://{self.bucket}/{self.prefix}" + (
+            f" at {self.endpoint_url}" if self.endpoint_url else ""
+        )
+        return CDLError(
+            f"object store {where}: {what} failed: {exc}",
+            "check object_store settings and the AWS credentials in the environment",
+        )
+
+    def has(self, sha256: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(sha256))
+            return True
+        except self._errors as exc:
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return False
+            raise self._fail("HEAD", exc) from exc
+
+    def put_bytes(self, data: bytes) -> tuple[str, int]:
+        sha256 = hashlib.sha256(data).hexdigest()
+        if not self.has(sha256):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self.key(sha256), Body=data)
+            except self._errors as exc:
+                raise self._fail("PUT", exc) from exc
+        return sha256, len(data)
+
+    def put_file(self, source: Path) -> tuple[str, int]:
+        with open(source, "rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            if size < SMALL:
+                return self.put_bytes(src.read())
+            digest = hashlib.sha256()
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+        sha256 = digest.hexdigest()
+        if not self.has(sha256):
+            try:
+                self.client.upload_file(str(source), self.bucket, self.key(sha256))
+            except self._errors as exc:
+                raise self._fail("upload", exc) from exc
+        return sha256, size
+
+    def put_stream(self, src: BinaryIO) -> tuple[str, int]:
+        with tempfile.NamedTemporaryFile() as spool:
+            shutil.copyfileobj(src, spool, CHUNK)
+            spool.flush()
+            return self.put_file(Path(spool.name))
+
+    def open(self, sha256: str) -> BinaryIO:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(sha256))["Body"]
+        except self._errors as exc:
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise ObjectMissing(sha256) from exc
+            raise self._fail("GET", exc) from exc
+        return _Closing(body)
+
+    def read_chunks(self, sha256: str) -> Iterator[bytes]:
+        with self.open(sha256) as src:
+            while chunk := src.read(CHUNK):
+                yield chunk
+
+    def materialize(self, sha256: str, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self.open(sha256) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+
+
+class _Closing:
+    """A botocore body as a context manager with read()."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def read(self, size: int = -1) -> bytes:
+        return self.body.read(size if size >= 0 else None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.body.close()
+
+
+def object_store_for(settings) -> LocalObjectStore | S3ObjectStore:
+    """The object store the stack's configuration names."""
+    config = settings.stack.object_store
+    if config.kind == "s3":
+        return S3ObjectStore(config.bucket, config.prefix, config.endpoint_url)
+    return LocalObjectStore(config.path)

@@ -30,7 +30,7 @@ from psycopg.rows import class_row
 
 from pipelines.core import events, lineage
 from pipelines.core.errors import CDLError
-from pipelines.core.objects import LocalObjectStore
+from pipelines.core.objects import object_store_for
 from pipelines.core.stack import Stack
 
 DEFAULT_BRANCH = "master"
@@ -236,7 +236,7 @@ class CommitWriter:
 class DataRepos:
     def __init__(self, stack: Stack):
         self.stack = stack
-        self.store = LocalObjectStore(stack.settings.stack.object_store.path)
+        self.store = object_store_for(stack.settings)
 
     def connect(self, autocommit: bool = True) -> psycopg.Connection:
         return self.stack.connect(autocommit=autocommit)
