@@ -113,6 +113,8 @@ def test_cli_on_a_pachyderm_stack():
     assert listing.returncode == 1
     [line] = listing.stderr.strip().splitlines()
     assert f"cannot reach pachd at {address}" in line
+    log = cdl("data", "log", "images@master", cwd=folder)
+    assert log.returncode == 1 and f"cannot reach pachd at {address} (list commits)" in log.stderr
     local_only = cdl("data", "diff", "a@master^", "a@master", cwd=folder)
     assert local_only.returncode == 1
     assert "'cdl data diff' needs the local data engine" in local_only.stderr

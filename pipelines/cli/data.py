@@ -232,6 +232,19 @@ def log(
     """Show the commits of a branch from its head back, or with a bare REPO every commit of the
     repo, open ones (being written, or left by a writer that died) included."""
     parsed = Ref.parse(target)
+    if pach := pachyderm(ctx):
+        table = Table("commit", "branch", "started", "finished", "size", "message")
+        for c in pach.log(parsed.repo, parsed.name, limit):
+            table.add_row(
+                c["id"][:12],
+                c["branch"],
+                str(c["started"] or "-"),
+                str(c["finished"] or "open"),
+                human(c["size"]),
+                c["description"],
+            )
+        console.print(table)
+        return
     table = Table("commit", "branch", "state", "started", "files", "size", "author", "message")
     for c in repos(ctx).log(parsed.repo, parsed.name, limit):
         state = "[green]finished[/]" if c.state == "finished" else "[yellow]open[/]"

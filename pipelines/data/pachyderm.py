@@ -141,6 +141,34 @@ class PachydermData:
 
         return self._call(f"put to {repo}@{branch}", upload)
 
+    def log(self, repo: str, branch: str | None = None, limit: int = 50) -> list[dict]:
+        """Commits of a repo (or of one branch), newest first."""
+        if branch:
+            infos = self._call(
+                "list commits",
+                self.client.pfs.list_commit,
+                to=self.pfs.Commit.from_uri(f"{repo}@{branch}"),
+                number=limit,
+            )
+        else:
+            infos = self._call(
+                "list commits",
+                self.client.pfs.list_commit,
+                repo=self.pfs.Repo(name=repo, type="user"),
+                number=limit,
+            )
+        return [
+            {
+                "id": i.commit.id,
+                "branch": i.commit.branch.name if i.commit.branch else "",
+                "started": i.started,
+                "finished": i.finished,
+                "description": i.description,
+                "size": i.details.size_bytes if i.details else None,
+            }
+            for i in infos
+        ]
+
     def files(self, repo: str, ref: str, path: str = "/") -> Iterator[tuple[str, int]]:
         commit = self.pfs.Commit.from_uri(f"{repo}@{ref}")
         file = self.pfs.File(commit=commit, path=normalize_path(path))
