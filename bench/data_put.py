@@ -18,36 +18,15 @@ import json
 import os
 import random
 import shutil
-import struct
 import tempfile
-import zlib
 from pathlib import Path
 
 from common import cdl, run_shell, throwaway_stack
 
+from pipelines.data.fashion import png_bytes
+
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 TARGET_RATIO = 0.5
-
-
-def png(pixels: bytes, width: int = 28, height: int = 28) -> bytes:
-    """A grayscale PNG, written by hand so the benchmark needs no imaging library."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
-
-    rows = b"".join(b"\0" + pixels[y * width : (y + 1) * width] for y in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
 
 
 def make_small_files(root: Path, count: int) -> None:
@@ -70,7 +49,7 @@ def make_pngs(root: Path, count: int) -> str:
     for i in range(count):
         folder = root / f"class-{i % 10}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{i:05d}.png").write_bytes(png(images[i * 784 : (i + 1) * 784]))
+        (folder / f"{i:05d}.png").write_bytes(png_bytes(images[i * 784 : (i + 1) * 784], 28, 28))
     return source
 
 

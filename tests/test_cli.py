@@ -43,6 +43,8 @@ COMMANDS = [
     ["data", "job", "list"],
     ["data", "job", "inspect"],
     ["data", "job", "logs"],
+    ["data", "generate", "bbc-like"],
+    ["data", "idx-to-png"],
     ["demo"],
 ]
 

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console
 from pipelines.core.errors import CDLError
-from pipelines.data import formats
+from pipelines.data import bbc, fashion, formats
 from pipelines.data.engine import PipelineEngine
 from pipelines.data.pachyderm import PachydermData
 from pipelines.data.repos import Commit, DataRepos, Ref
@@ -579,3 +579,40 @@ def stats(
     console.print(table)
     for key, value in result.details.items():
         console.print(f"{key}: {json.dumps(value)}", highlight=False, soft_wrap=True)
+
+
+generate_app = typer.Typer(
+    help="Write datasets for tests and demos, in real raw formats.", no_args_is_help=True
+)
+app.add_typer(generate_app, name="generate")
+
+
+@generate_app.command("bbc-like")
+def generate_bbc_like(
+    out: Path = typer.Argument(..., help="A new or empty folder."),
+    docs: int = typer.Option(2225, "--docs", min=5, help="Clean articles (the real corpus: 2225)."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same corpus."),
+    clean: bool = typer.Option(False, "--clean", help="No dirty files."),
+) -> None:
+    """Write a synthetic corpus in the raw BBC news layout: business/, entertainment/,
+    politics/, sport/, tech/ of numbered .txt articles (title line, blank line, body), plus a
+    few dirty files (not UTF-8, title only, .doc, exact duplicates) unless --clean."""
+    written = bbc.generate(out, docs, seed, dirty=not clean)
+    console.print(
+        ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in written.items())
+        + f" files in {out}",
+        highlight=False,
+    )
+
+
+@app.command("idx-to-png")
+def idx_to_png(
+    out: Path = typer.Argument(..., help="Folder to write class folders and the manifest to."),
+    source: Path = typer.Option(fashion.DEFAULT_SOURCE, help="Folder of the IDX files."),
+    split: str = typer.Option("train", help="train or t10k."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images."),
+) -> None:
+    """Convert Fashion-MNIST IDX files (gzipped or not) to one PNG per image in folder-per-class
+    layout, with manifest-SPLIT.csv (path, label, class, source_index)."""
+    count = fashion.export_pngs(source, out, split, limit)
+    console.print(f"wrote {count} PNGs and manifest-{split}.csv to {out}")
