@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -456,12 +457,18 @@ class PipelineEngine:
                 def local(text: str, root: str = str(pfs)) -> str:
                     return PFS.sub(lambda _: root, text)
 
-                env = {**os.environ, **{k: local(v) for k, v in transform.env.items()}}
+                # `python3` in a transform is the platform venv's, as the image's would be.
+                path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+                env = {**os.environ, "PATH": path}
+                env.update({k: local(v) for k, v in transform.env.items()})
                 for item in datum.inputs:
                     env[item.name] = local(f"/pfs/{item.name}{item.path.rstrip('/')}")
                 env.update(PACH_JOB_ID=job_id, PACH_DATUM_ID=datum.hash[:32])
                 stdin = "".join(local(line) + "\n" for line in transform.stdin) or None
-                cwd = local(transform.working_dir) if transform.working_dir else workdir
+                # working_dir names a folder of the image on Pachyderm; locally the transform
+                # runs in the spec's folder, unless working_dir is inside /pfs.
+                inside_pfs = transform.working_dir and PFS.match(transform.working_dir)
+                cwd = local(transform.working_dir) if inside_pfs else workdir
                 proc = subprocess.run(
                     [local(a) for a in transform.cmd],
                     input=stdin,

@@ -42,7 +42,7 @@ class Transform(_Spec):
     stdin: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     image: str | None = None  # the container image on Pachyderm; locally the spec's folder
-    working_dir: str | None = None
+    working_dir: str | None = None  # in the image; locally only when inside /pfs
     accept_return_code: list[int] = Field(default_factory=list)
     # Cluster-only, passed on to Pachyderm:
     user: str | None = None
