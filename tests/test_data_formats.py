@@ -195,3 +195,23 @@ def test_cli_stats(shared_stack, repos, tmp_path):
     assert "folder format, 3 samples, 2 classes" in result.stdout
     as_json = cdl("data", "stats", commit.ref, "--json", cwd=shared_stack.settings.root)
     assert json.loads(as_json.stdout)["classes"] == {"a": 2, "b": 1}
+
+
+def test_stats_of_a_folder_inside_a_commit(repos, tmp_path):
+    commit = commit_of(
+        repos,
+        tmp_path,
+        {
+            "valid/a/1.txt": b"x",
+            "valid/b/1.txt": b"y",
+            "quarantine/a/2.txt": b"z",
+            "quarantine/a/2.txt.reason": b"too short",
+        },
+    )
+    stats = formats.compute(repos, commit, "folder", prefix="/valid")
+    assert stats.classes == {"a": 1, "b": 1}
+    whole = formats.compute(repos, commit, "folder")
+    assert whole.classes == {"quarantine": 2, "valid": 2}
+    assert len(formats.stored(repos, commit)) == 2
+    with pytest.raises(CDLError, match=":/nothing holds no files"):
+        formats.compute(repos, commit, prefix="/nothing")

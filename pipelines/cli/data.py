@@ -548,7 +548,7 @@ def provenance(
 @app.command()
 def stats(
     ctx: typer.Context,
-    ref: str = typer.Argument(..., metavar="REF", help="e.g. fashion@master"),
+    ref: str = typer.Argument(..., metavar="REF[:PATH]", help="e.g. fashion-ingest:/images"),
     fmt: Optional[str] = typer.Option(
         None,
         "--format",
@@ -560,11 +560,12 @@ def stats(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
 ) -> None:
-    """Count samples and samples per class of a commit's dataset, with sizes, and store the
-    figures with the commit."""
+    """Count samples and samples per class of a commit's dataset (or of the folder PATH in it),
+    with sizes, and store the figures with the commit."""
     data = repos(ctx)
-    commit = data.resolve(ref)
-    result = formats.compute(data, commit, fmt, label_column)
+    parsed = Ref.parse(ref)
+    commit = data.resolve(parsed)
+    result = formats.compute(data, commit, fmt, label_column, parsed.path or "/")
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return

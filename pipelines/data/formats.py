@@ -21,7 +21,7 @@ from typing import BinaryIO, Callable
 from psycopg.types.json import Jsonb
 
 from pipelines.core.errors import CDLError
-from pipelines.data.repos import Commit, DataRepos, FileEntry
+from pipelines.data.repos import Commit, DataRepos, FileEntry, normalize_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -41,10 +41,13 @@ class Stats:
 class CommitFiles:
     """The files of a commit, readable as streams from the object store."""
 
-    def __init__(self, repos: DataRepos, commit: Commit):
+    def __init__(self, repos: DataRepos, commit: Commit, prefix: str = "/"):
         self.repos = repos
         self.commit = commit
-        self.entries = list(repos.files(commit))
+        cut = len(prefix.rstrip("/"))  # paths are read relative to the prefix
+        self.entries = [
+            FileEntry(e.path[cut:], e.sha256, e.size) for e in repos.files(commit, prefix)
+        ]
 
     def open(self, entry: FileEntry) -> BinaryIO:
         raw = self.repos.store.open(entry.sha256)
@@ -270,22 +273,29 @@ def detect(files: CommitFiles) -> str:
 
 
 def compute(
-    repos: DataRepos, commit: Commit, fmt: str | None = None, label_column: str | None = None
+    repos: DataRepos,
+    commit: Commit,
+    fmt: str | None = None,
+    label_column: str | None = None,
+    prefix: str = "/",
 ) -> Stats:
-    """Statistics of `commit` read as `fmt` (detected when None), stored with the commit."""
-    files = CommitFiles(repos, commit)
+    """Statistics of the files under `prefix` of `commit`, read as `fmt` (detected when None),
+    stored with the commit."""
+    prefix = normalize_path(prefix)
+    files = CommitFiles(repos, commit, prefix)
     if not files.entries:
-        raise CDLError(f"{commit.ref} holds no files", "put data first")
+        raise CDLError(f"{commit.ref}:{prefix} holds no files", "check the ref and the path")
     fmt = fmt or detect(files)
     if fmt not in FORMATS:
         raise CDLError(f"unknown format '{fmt}'", f"use one of {', '.join(FORMATS)}")
     stats = csv_rows(files, label_column) if fmt == "csv" else FORMATS[fmt](files)
     with repos.connect() as conn:
         conn.execute(
-            """INSERT INTO data_commit_stats (commit_id, format, stats) VALUES (%s, %s, %s)
-               ON CONFLICT (commit_id, format) DO UPDATE
+            """INSERT INTO data_commit_stats (commit_id, path, format, stats)
+               VALUES (%s, %s, %s, %s)
+               ON CONFLICT (commit_id, path, format) DO UPDATE
                SET stats = EXCLUDED.stats, computed_at = now()""",
-            [commit.id, fmt, Jsonb(stats.to_dict())],
+            [commit.id, prefix, fmt, Jsonb(stats.to_dict())],
         )
     return stats
 
@@ -294,7 +304,7 @@ def stored(repos: DataRepos, commit: Commit) -> list[Stats]:
     """The statistics computed for `commit` so far."""
     with repos.connect() as conn:
         rows = conn.execute(
-            "SELECT stats FROM data_commit_stats WHERE commit_id = %s ORDER BY format",
+            "SELECT stats FROM data_commit_stats WHERE commit_id = %s ORDER BY path, format",
             [commit.id],
         ).fetchall()
     return [Stats(**row[0]) for row in rows]
