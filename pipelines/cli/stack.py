@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List
 
 import typer
 from rich.table import Table
 
 from pipelines.cli.context import cli_context, console
+from pipelines.core.errors import CDLError
 from pipelines.core.stack import ComponentStatus
+from pipelines.data.label_studio import LabelStudioServer
 
 app = typer.Typer(
     help="Start, stop and inspect the stack (Postgres and the platform services).",
@@ -42,14 +45,27 @@ def _short(path: Path | None) -> str:
         return str(path)
 
 
+OPTIONAL = {"label-studio": lambda stack: LabelStudioServer(stack).spec}
+
+
 @app.command()
-def up(ctx: typer.Context) -> None:
+def up(
+    ctx: typer.Context,
+    with_services: List[str] = typer.Option(
+        [], "--with", help=f"Also start an optional service: {', '.join(OPTIONAL)}."
+    ),
+) -> None:
     """Start the stack: initialise the embedded Postgres on first use (or check the external DSN),
     create the platform databases, apply migrations and start the event dispatcher.
     Safe to run again: what already runs is left as it is."""
     stack = cli_context(ctx).stack
+    unknown = [name for name in with_services if name not in OPTIONAL]
+    if unknown:
+        raise CDLError(
+            f"no optional service {', '.join(unknown)}", f"choose from {', '.join(OPTIONAL)}"
+        )
     with console.status("bringing the stack up"):
-        done = stack.up()
+        done = stack.up([OPTIONAL[name](stack) for name in with_services])
     for line in done:
         console.print(f"• {line}")
     console.print(status_table(stack.status()))

@@ -9,7 +9,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import psycopg
 
@@ -86,8 +86,9 @@ class Stack:
             self._cli_service(PIPELINES_SERVICE, "data", "worker"),
         ]
 
-    def up(self) -> list[str]:
-        """Bring the stack up (idempotent); return what was done, for the user."""
+    def up(self, extra: Iterable[Callable[[], ServiceSpec]] = ()) -> list[str]:
+        """Bring the stack up (idempotent); return what was done, for the user. `extra` makes the
+        specs of optional services (e.g. Label Studio), called once Postgres is up."""
         done = []
         with self._lock():
             if self.embedded and self.postgres.init():
@@ -106,6 +107,11 @@ class Stack:
                 events.register(conn, self.settings.stack.events.subscribers)
             for spec in self.services():
                 self.supervisor.start(spec)
+            for make_spec in extra:
+                spec = make_spec()
+                if not self.supervisor.status(spec.name).healthy:
+                    self.supervisor.start(spec)
+                    done.append(f"started {spec.name} at {spec.address}")
         return done
 
     def down(self) -> list[str]:

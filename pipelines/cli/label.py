@@ -1,0 +1,113 @@
+"""`cdl label`: the labeling loop between validated data, Label Studio and the label store."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress
+from rich.table import Table
+
+from pipelines.cli.context import cli_context, console, err_console
+from pipelines.data.labeling import Labeling, use_case
+
+app = typer.Typer(
+    help="Label validated data in Label Studio and keep the labels in Postgres. USE_CASE is a "
+    "folder of use_cases/ with a labeling.yaml (bbc_news, fashion_mnist).",
+    no_args_is_help=True,
+)
+snapshot_app = typer.Typer(
+    help="Immutable, named sets of labels that training reads.", no_args_is_help=True
+)
+app.add_typer(snapshot_app, name="snapshot")
+
+USE_CASE = typer.Argument(..., metavar="USE_CASE", help="e.g. bbc_news")
+
+
+def labeling(ctx: typer.Context, name: str) -> Labeling:
+    return Labeling(cli_context(ctx).stack, use_case(name))
+
+
+@app.command()
+def sync(
+    ctx: typer.Context,
+    name: str = USE_CASE,
+    ref: Optional[str] = typer.Option(
+        None, help="Commit to import from (default: the head of the use case's validated repo)."
+    ),
+) -> None:
+    """Create or update the use case's Label Studio project and import a task for every
+    validated file that has none yet (each task keeps repo@commit:path in its meta)."""
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"importing {name} tasks", total=None)
+        new, known = labeling(ctx, name).sync(
+            ref, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    console.print(f"{name}: imported {new} new task(s); {known} file(s) already had one")
+
+
+@app.command()
+def auto(
+    ctx: typer.Context,
+    name: str = USE_CASE,
+    limit: Optional[int] = typer.Option(None, min=1, help="Annotate at most N tasks."),
+) -> None:
+    """For demos and tests: annotate unlabelled tasks through the Label Studio API, as a labeler
+    would, with the class folder of each task's file as the answer."""
+    count = labeling(ctx, name).auto_annotate(limit)
+    console.print(f"{name}: annotated {count} task(s)")
+
+
+@app.command()
+def export(ctx: typer.Context, name: str = USE_CASE) -> None:
+    """Pull all annotations, commit the raw export to the labels repo (<use-case>-labels), and
+    load new or changed annotations into the label store in one transaction. Annotations with
+    no choice, several choices or a label outside the config, and tasks whose file has left
+    the dataset, are reported and not loaded."""
+    result = labeling(ctx, name).export()
+    for problem in result.problems:
+        err_console.print(f"skipped: {problem}", highlight=False)
+    console.print(
+        f"{name}: {result.tasks} tasks, {result.rows} usable annotation(s), {result.loaded} new "
+        f"row(s) loaded; raw export in {result.commit.ref}",
+        highlight=False,
+    )
+
+
+@snapshot_app.command("create")
+def snapshot_create(
+    ctx: typer.Context,
+    name: str = USE_CASE,
+    snapshot: str = typer.Argument(..., metavar="NAME", help="e.g. 2026-11-22 or v1"),
+) -> None:
+    """Freeze the current labels of a use case as snapshot NAME (recorded in lineage)."""
+    rows = labeling(ctx, name).snapshot(snapshot)
+    console.print(
+        f"snapshot {name}/{snapshot}: {rows} labels (lineage id label_snapshot:{name}/{snapshot})"
+    )
+
+
+@snapshot_app.command("show")
+def snapshot_show(
+    ctx: typer.Context,
+    name: str = USE_CASE,
+    snapshot: str = typer.Argument(..., metavar="NAME"),
+) -> None:
+    """Count a snapshot's labels per split and label."""
+    rows = labeling(ctx, name).snapshot_rows(snapshot)
+    if not rows:
+        console.print(f"no snapshot {name}/{snapshot}")
+        raise typer.Exit(1)
+    counts: dict[tuple[str, str], int] = {}
+    for row in rows:
+        counts[(row["split"], row["label"])] = counts.get((row["split"], row["label"]), 0) + 1
+    table = Table("split", "label", "rows", title=f"{name}/{snapshot}: {len(rows)} labels")
+    for (split, label), count in sorted(counts.items()):
+        table.add_row(split, label, str(count))
+    console.print(table)

@@ -1,0 +1,175 @@
+"""The Label Studio server of a stack and a small client for its REST API.
+
+The server runs from its own venv (`.cdl/venvs/label-studio`, made by `make setup`) as the
+supervised service 'label-studio', with its database in the stack's Postgres. Its admin user and
+API token are generated on the first start, without prompts, and kept in `<home>/secrets`
+(outside git). Start it with `cdl stack up --with label-studio`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+from pipelines.core.errors import CDLError, StackError
+from pipelines.core.postgres import free_port, port_is_free
+from pipelines.core.services import ServiceSpec
+from pipelines.core.stack import Stack
+
+SERVICE = "label-studio"
+ADMIN_EMAIL = "admin@cdl.local"
+RETRIES = 5
+
+
+def _secret(path: Path, make) -> str:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(0o700)
+        path.write_text(make())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+class LabelStudioServer:
+    def __init__(self, stack: Stack):
+        self.stack = stack
+        home = stack.settings.home
+        self.data_dir = home / "label-studio"
+        self.state_file = self.data_dir / "cdl-state.json"
+        self.token_file = home / "secrets" / "label-studio-token"
+        self.password_file = home / "secrets" / "label-studio-password"
+        self.executable = stack.settings.venvs / "label-studio" / "bin" / "label-studio"
+
+    @property
+    def token(self) -> str:
+        return _secret(self.token_file, lambda: secrets.token_hex(20))  # 40 hex: a legacy token
+
+    @property
+    def port(self) -> int:
+        """Chosen at the first start and kept while it stays free."""
+        try:
+            port = json.loads(self.state_file.read_text())["port"]
+        except (OSError, ValueError, KeyError):
+            port = None
+        if port is None or (not self.running() and not port_is_free(port)):
+            port = free_port()
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.state_file.write_text(json.dumps({"port": port}))
+        return port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def running(self) -> bool:
+        return self.stack.supervisor.status(SERVICE).healthy
+
+    def spec(self) -> ServiceSpec:
+        if not self.executable.exists():
+            raise StackError(
+                f"Label Studio is not installed at {self.executable}", "run 'make setup'"
+            )
+        db = urlsplit(self.stack.dsn(self.stack.settings.stack.postgres.databases.label_studio))
+        port = self.port
+        password = _secret(self.password_file, lambda: secrets.token_urlsafe(18))
+        env = {
+            "LATEST_VERSION_CHECK": "false",
+            "COLLECT_ANALYTICS": "false",
+            "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir),
+            "DJANGO_DB": "default",
+            "POSTGRE_NAME": unquote(db.path.lstrip("/")),
+            "POSTGRE_USER": unquote(db.username or ""),
+            "POSTGRE_PASSWORD": unquote(db.password or ""),
+            "POSTGRE_HOST": db.hostname or "127.0.0.1",
+            "POSTGRE_PORT": str(db.port or 5432),
+            # Webhooks go to the stack's own receiver on 127.0.0.1.
+            "SSRF_PROTECTION_ENABLED": "false",
+        }
+        argv = [
+            str(self.executable),
+            "start",
+            "--no-browser",
+            "--internal-host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(self.data_dir),
+            "--username",
+            ADMIN_EMAIL,
+            "--password",
+            password,
+            "--user-token",
+            self.token,
+            "--enable-legacy-api-token",
+        ]
+        return ServiceSpec(
+            name=SERVICE,
+            argv=argv,
+            env=env,
+            cwd=self.data_dir,
+            health_url=f"http://127.0.0.1:{port}/health",
+            address=f"http://127.0.0.1:{port}",
+            start_timeout_s=240,
+        )
+
+    def client(self) -> "LabelStudioClient":
+        if not self.running():
+            raise StackError(
+                "Label Studio is not running", "run 'cdl stack up --with label-studio'"
+            )
+        return LabelStudioClient(self.url, self.token)
+
+
+class LabelStudioClient:
+    """The REST calls CDL makes, retried with backoff while the server does not answer."""
+
+    def __init__(self, url: str, token: str, retries: int = RETRIES, backoff_s: float = 0.5):
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(
+            base_url=self.url, timeout=60, headers={"Authorization": f"Token {token}"}
+        )
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        response = self._send(method, path, **kwargs)
+        return response.json() if response.content else None
+
+    def request_bytes(self, method: str, path: str, **kwargs) -> bytes:
+        return self._send(method, path, **kwargs).content
+
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise CDLError(
+                        f"Label Studio at {self.url} does not answer ({method} {path}: "
+                        f"{type(exc).__name__}) after {attempt + 1} tries",
+                        "run 'cdl stack up --with label-studio' and check "
+                        ".cdl/logs/label-studio.log",
+                    ) from exc
+                time.sleep(self.backoff_s * 2**attempt)
+                continue
+            if response.status_code >= 500 and attempt < self.retries:
+                time.sleep(self.backoff_s * 2**attempt)
+                continue
+            if response.status_code >= 400:
+                raise CDLError(
+                    f"Label Studio refused {method} {path}: HTTP "
+                    f"{response.status_code} {response.text[:300]}"
+                )
+            return response
+        raise AssertionError("unreachable")
+
+    def projects(self) -> list[dict]:
+        found = self.request("GET", "/api/projects", params={"page_size": 1000})
+        return found["results"] if isinstance(found, dict) else found

@@ -1,0 +1,508 @@
+"""The labeling loop: validated files become Label Studio tasks, annotations come back into the
+Postgres label store, and named snapshots freeze them for training.
+
+Each use case describes its labeling in `use_cases/<name>/labeling.yaml`: the Label Studio
+project, its labeling configuration, which validated files become tasks and which <Choices>
+holds the label. Files are keyed by path and content, so a re-sync imports only new files; every
+task keeps `repo@commit:path` in its meta.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.core import lineage
+from pipelines.core.errors import CDLError
+from pipelines.core.stack import Stack
+from pipelines.data.label_studio import LabelStudioClient, LabelStudioServer
+from pipelines.data.repos import Commit, DataRepos
+
+USE_CASES = Path(__file__).resolve().parents[2] / "use_cases"
+IMPORT_BATCH = 500
+SPLITS = ("train", "test")
+
+
+class SourceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    repo: str
+    path: str = "/"
+
+
+class LabelingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    project: str
+    label_config: str
+    source: SourceSpec
+    task: str = Field(pattern="^(text|image)$")
+    choices: str
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+
+
+@dataclass
+class UseCase:
+    name: str
+    folder: Path
+    spec: LabelingSpec
+
+    @property
+    def label_config(self) -> str:
+        return (self.folder / self.spec.label_config).read_text(encoding="utf-8")
+
+    @property
+    def labels(self) -> list[str]:
+        """The choice values of the labeling configuration's <Choices>."""
+        root = ET.fromstring(self.label_config)
+        for choices in root.iter("Choices"):
+            if choices.get("name") == self.spec.choices:
+                return [c.get("value") for c in choices.iter("Choice")]
+        raise CDLError(
+            f'{self.folder / self.spec.label_config} has no <Choices name="{self.spec.choices}">',
+            "fix 'choices' in labeling.yaml",
+        )
+
+    @property
+    def labels_repo(self) -> str:
+        return f"{self.name.replace('_', '-')}-labels"
+
+
+def use_case(name: str, root: Path = USE_CASES) -> UseCase:
+    folder = root / name
+    spec_file = folder / "labeling.yaml"
+    if not spec_file.is_file():
+        known = sorted(p.parent.name for p in root.glob("*/labeling.yaml"))
+        raise CDLError(
+            f"no use case '{name}' with a labeling.yaml", f"use one of: {', '.join(known)}"
+        )
+    try:
+        spec = LabelingSpec.model_validate(yaml.safe_load(spec_file.read_text()))
+    except (ValidationError, yaml.YAMLError) as exc:
+        raise CDLError(f"{spec_file}: {exc}", "fix the file") from exc
+    return UseCase(name, folder, spec)
+
+
+def class_of(path: str, root: str) -> str:
+    """The class folder of a file: the first folder below the source path."""
+    return path[len(root.rstrip("/")) :].strip("/").split("/")[0]
+
+
+class Labeling:
+    def __init__(self, stack: Stack, case: UseCase, client: LabelStudioClient | None = None):
+        self.stack = stack
+        self.case = case
+        self.repos = DataRepos(stack)
+        self._client = client
+
+    @property
+    def client(self) -> LabelStudioClient:
+        if self._client is None:
+            self._client = LabelStudioServer(self.stack).client()
+        return self._client
+
+    # -- the project ---------------------------------------------------------------------
+
+    def project(self) -> int:
+        """The use case's project, created on first use; its labeling config kept up to date."""
+        config = self.case.label_config
+        for project in self.client.projects():
+            if project["title"] == self.case.spec.project:
+                if project.get("label_config") != config:
+                    self.client.request(
+                        "PATCH", f"/api/projects/{project['id']}", json={"label_config": config}
+                    )
+                return project["id"]
+        created = self.client.request(
+            "POST",
+            "/api/projects",
+            json={
+                "title": self.case.spec.project,
+                "label_config": config,
+                "description": f"CDL use case {self.case.name}",
+            },
+        )
+        return created["id"]
+
+    # -- sync ----------------------------------------------------------------------------
+
+    def _task_data(self, commit: Commit, entry) -> dict:
+        data = b"".join(self.repos.store.read_chunks(entry.sha256))
+        if self.case.spec.task == "image":
+            return {"image": "data:image/png;base64," + base64.b64encode(data).decode()}
+        text = data.decode("utf-8", errors="replace")
+        title, _, body = text.partition("\n")
+        return {"title": title.strip(), "text": body.strip()}
+
+    def sync(
+        self, ref: str | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[int, int]:
+        """Import the source commit's files that have no task yet; return (new, already)."""
+        source = self.case.spec.source
+        commit = self.repos.resolve(ref or source.repo)
+        project_id = self.project()
+        with self.stack.connect() as conn:
+            known = {
+                (p, s)
+                for p, s in conn.execute(
+                    "SELECT path, sha256 FROM label_tasks WHERE use_case = %s", [self.case.name]
+                )
+            }
+        entries = [
+            e for e in self.repos.files(commit, source.path) if not e.path.endswith(".reason")
+        ]
+        new = [e for e in entries if (e.path, e.sha256) not in known]
+        for start in range(0, len(new), IMPORT_BATCH):
+            batch = new[start : start + IMPORT_BATCH]
+            tasks = [
+                {
+                    "data": self._task_data(commit, e),
+                    "meta": {"source": f"{commit.ref}:{e.path}", "sha256": e.sha256},
+                }
+                for e in batch
+            ]
+            reply = self.client.request(
+                "POST",
+                f"/api/projects/{project_id}/import",
+                params={"return_task_ids": "true"},
+                json=tasks,
+            )
+            ids = reply.get("task_ids") or []
+            if len(ids) != len(batch):
+                raise CDLError(
+                    f"Label Studio returned {len(ids)} task ids for {len(batch)} imported tasks",
+                    "re-run the sync: imported files are skipped",
+                )
+            with (
+                self.stack.connect() as conn,
+                conn.cursor().copy(
+                    "COPY label_tasks (use_case, path, sha256, source, project_id, task_id) "
+                    "FROM STDIN"
+                ) as copy,
+            ):
+                for entry, task_id in zip(batch, ids, strict=True):
+                    copy.write_row(
+                        [
+                            self.case.name,
+                            entry.path,
+                            entry.sha256,
+                            f"{commit.ref}:{entry.path}",
+                            project_id,
+                            task_id,
+                        ]
+                    )
+            if progress:
+                progress(start + len(batch), len(new))
+        return len(new), len(entries) - len(new)
+
+    # -- annotate (demos and tests) --------------------------------------------------------
+
+    def auto_annotate(self, limit: int | None = None) -> int:
+        """Annotate unlabelled tasks through the API with the class folder of their file, as a
+        labeler would; return how many."""
+        project_id = self.project()
+        with self.stack.connect() as conn:
+            rows = conn.execute(
+                "SELECT task_id, path FROM label_tasks WHERE use_case = %s ORDER BY task_id",
+                [self.case.name],
+            ).fetchall()
+        done = {t["id"] for t in self._tasks(project_id) if t.get("total_annotations")}
+        count = 0
+        for task_id, path in rows:
+            if task_id in done or (limit is not None and count >= limit):
+                continue
+            self.annotate(task_id, class_of(path, self.case.spec.source.path))
+            count += 1
+        return count
+
+    def annotate(self, task_id: int, *labels: str) -> dict:
+        to_name = "image" if self.case.spec.task == "image" else "text"
+        result = (
+            [
+                {
+                    "from_name": self.case.spec.choices,
+                    "to_name": to_name,
+                    "type": "choices",
+                    "value": {"choices": list(labels)},
+                }
+            ]
+            if labels
+            else []
+        )
+        return self.client.request(
+            "POST", f"/api/tasks/{task_id}/annotations", json={"result": result, "lead_time": 1.0}
+        )
+
+    def _tasks(self, project_id: int) -> list[dict]:
+        tasks, page = [], 1
+        while True:
+            reply = self.client.request(
+                "GET", "/api/tasks", params={"project": project_id, "page": page, "page_size": 1000}
+            )
+            batch = reply["tasks"] if isinstance(reply, dict) else reply
+            tasks += batch
+            if len(batch) < 1000:
+                return tasks
+            page += 1
+
+    # -- export into the label store -------------------------------------------------------
+
+    def export(self) -> "ExportResult":
+        """Pull every annotation, commit the raw export to the labels repo, and load new or
+        changed annotations into the label store in one transaction."""
+        project_id = self.project()
+        raw = self.client.request_bytes(
+            "GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"}
+        )
+        try:
+            tasks = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CDLError(
+                f"Label Studio's export of project {project_id} is not JSON: {exc}",
+                "retry the export",
+            ) from exc
+        commit = self._commit_export(raw, project_id)
+        users = self.client.request("GET", "/api/users")
+        emails = {u["id"]: u.get("email") or u.get("username") for u in users}
+        rows, problems = self._rows(tasks, commit, emails)
+        loaded = self._load(rows)
+        return ExportResult(commit, len(tasks), len(rows), loaded, problems)
+
+    def _commit_export(self, raw: bytes, project_id: int) -> Commit:
+        repo = self.case.labels_repo
+        if repo not in {r["name"] for r in self.repos.list_repos()}:
+            try:
+                self.repos.create_repo(repo, f"raw Label Studio exports of {self.case.name}")
+            except CDLError:
+                pass  # created concurrently
+        sha256, size = self.repos.store.put_bytes(raw)
+        with self.repos.writer(
+            repo, message=f"export of Label Studio project {project_id}", author="cdl label export"
+        ) as writer:
+            writer.add_object("/export.json", sha256, size)
+        return writer.commit
+
+    def _current_files(self) -> set[tuple[str, str]]:
+        source = self.case.spec.source
+        commit = self.repos.resolve(source.repo)
+        return {(e.path, e.sha256) for e in self.repos.files(commit, source.path)}
+
+    def _rows(
+        self, tasks: list[dict], export: Commit, emails: dict[int, str]
+    ) -> tuple[list[dict], list[str]]:
+        labels = set(self.case.labels)
+        present = self._current_files()
+        rows, problems = [], []
+        for task in tasks:
+            meta = task.get("meta") or {}
+            source = meta.get("source", "")
+            path = source.partition(":")[2]
+            where = f"task {task.get('id')} ({source or 'no source'})"
+            if not source:
+                problems.append(f"{where}: not imported by CDL (no meta.source)")
+                continue
+            if (path, meta.get("sha256")) not in present:
+                problems.append(
+                    f"{where}: its file is no longer in {self.case.spec.source.repo}@master"
+                )
+                continue
+            for annotation in task.get("annotations", []):
+                if annotation.get("was_cancelled"):
+                    continue
+                chosen = [
+                    c
+                    for r in annotation.get("result", [])
+                    if r.get("from_name") == self.case.spec.choices
+                    for c in r.get("value", {}).get("choices", [])
+                ]
+                label_where = f"{where} annotation {annotation.get('id')}"
+                if not chosen:
+                    problems.append(f"{label_where}: no choice")
+                    continue
+                if len(chosen) > 1:
+                    problems.append(f"{label_where}: {len(chosen)} choices {chosen}, expected one")
+                    continue
+                if chosen[0] not in labels:
+                    problems.append(
+                        f"{label_where}: label '{chosen[0]}' is not in the labeling config"
+                    )
+                    continue
+                labeler = annotation.get("completed_by")
+                if isinstance(labeler, dict):
+                    labeler = labeler.get("id")
+                labeler = emails.get(labeler, labeler)
+                rows.append(
+                    {
+                        "path": path,
+                        "source": source,
+                        "label": chosen[0],
+                        "labeler": str(labeler),
+                        "task_id": task["id"],
+                        "labeled_at": annotation.get("updated_at") or annotation.get("created_at"),
+                        "annotation_id": annotation["id"],
+                        "export_commit": export.id,
+                    }
+                )
+        return rows, problems
+
+    def _assign_splits(self, conn, rows: list[dict]) -> None:
+        """New files get a split, stratified by label: each label's test share stays at the
+        configured fraction. Files keep their split for ever."""
+        spec = self.case.spec
+        assigned = {
+            p: s
+            for p, s in conn.execute(
+                "SELECT path, split FROM label_splits WHERE use_case = %s", [self.case.name]
+            )
+        }
+        by_label: dict[str, list[str]] = {}
+        for row in rows:
+            if row["path"] not in assigned:
+                by_label.setdefault(row["label"], [])
+                if row["path"] not in by_label[row["label"]]:
+                    by_label[row["label"]].append(row["path"])
+        label_of = {row["path"]: row["label"] for row in rows}
+        counts = Counter((label_of.get(p), s) for p, s in assigned.items() if p in label_of)
+        new_rows = []
+        for label, paths in sorted(by_label.items()):
+            ordered = sorted(
+                paths, key=lambda p: hashlib.sha256(f"{spec.split_seed}:{p}".encode()).hexdigest()
+            )
+            total = counts[(label, "train")] + counts[(label, "test")] + len(ordered)
+            test = counts[(label, "test")]
+            for path in ordered:
+                split = "test" if test < round(spec.test_fraction * total) else "train"
+                test += split == "test"
+                new_rows.append((self.case.name, path, split))
+        if new_rows:
+            with conn.cursor().copy("COPY label_splits (use_case, path, split) FROM STDIN") as copy:
+                for row in new_rows:
+                    copy.write_row(row)
+
+    def _load(self, rows: list[dict]) -> int:
+        with self.stack.connect() as conn, conn.transaction():
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"cdl.labels:{self.case.name}"]
+            )
+            self._assign_splits(conn, rows)
+            conn.execute(
+                """CREATE TEMP TABLE incoming (path text, source text, label text, labeler text,
+                       labeled_at timestamptz, task_id integer, annotation_id integer,
+                       export_commit text) ON COMMIT DROP"""
+            )
+            with conn.cursor().copy(
+                "COPY incoming (path, source, label, labeler, labeled_at, task_id, "
+                "annotation_id, export_commit) FROM STDIN"
+            ) as copy:
+                for r in rows:
+                    copy.write_row(
+                        [
+                            r["path"],
+                            r["source"],
+                            r["label"],
+                            r["labeler"],
+                            r["labeled_at"],
+                            r["task_id"],
+                            r["annotation_id"],
+                            r["export_commit"],
+                        ]
+                    )
+            inserted = conn.execute(
+                """INSERT INTO label_rows (use_case, split, source, label, labeler, labeled_at,
+                                           task_id, annotation_id, version, export_commit)
+                   SELECT %(uc)s, s.split, i.source, i.label, i.labeler, i.labeled_at,
+                          i.task_id, i.annotation_id, coalesce(c.version, 0) + 1,
+                          i.export_commit
+                   FROM incoming i
+                   JOIN label_splits s ON s.use_case = %(uc)s AND s.path = i.path
+                   LEFT JOIN labels_current c
+                     ON c.use_case = %(uc)s AND c.annotation_id = i.annotation_id
+                   WHERE c.annotation_id IS NULL OR c.label <> i.label
+                      OR c.labeled_at <> i.labeled_at OR c.labeler <> i.labeler""",
+                {"uc": self.case.name},
+            ).rowcount
+        return inserted
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshot(self, name: str) -> int:
+        """Freeze the current labels as snapshot `name`; return its row count."""
+        if not re.fullmatch(r"[a-zA-Z0-9_.-]{1,63}", name):
+            raise CDLError(
+                f"'{name}' is not a valid snapshot name", "use letters, digits, '.', '-' or '_'"
+            )
+        with self.stack.connect() as conn, conn.transaction():
+            exists = conn.execute(
+                "SELECT 1 FROM label_snapshots WHERE use_case = %s AND name = %s",
+                [self.case.name, name],
+            ).fetchone()
+            if exists:
+                raise CDLError(
+                    f"snapshot {self.case.name}/{name} already exists",
+                    "snapshots are immutable: pick a new name",
+                )
+            count = conn.execute(
+                "SELECT count(*) FROM labels_current WHERE use_case = %s", [self.case.name]
+            ).fetchone()[0]
+            if not count:
+                raise CDLError(
+                    f"no labels for {self.case.name} yet",
+                    f"run 'cdl label export {self.case.name}' first",
+                )
+            conn.execute(
+                "INSERT INTO label_snapshots (use_case, name, rows) VALUES (%s, %s, %s)",
+                [self.case.name, name, count],
+            )
+            conn.execute(
+                """INSERT INTO label_snapshot_rows (use_case, snapshot, split, source, label,
+                                                    labeler, labeled_at, annotation_id, version)
+                   SELECT use_case, %s, split, source, label, labeler, labeled_at,
+                          annotation_id, version
+                   FROM labels_current WHERE use_case = %s""",
+                [name, self.case.name],
+            )
+            node = lineage.record_node(
+                conn, lineage.Kind.LABEL_SNAPSHOT, f"{self.case.name}/{name}", rows=count
+            )
+            commits = [
+                r[0]
+                for r in conn.execute(
+                    """SELECT DISTINCT split_part(source, ':', 1) FROM label_snapshot_rows
+                   WHERE use_case = %s AND snapshot = %s""",
+                    [self.case.name, name],
+                )
+            ]
+            for ref in commits:
+                upstream = lineage.node_id(lineage.Kind.DATASET_COMMIT, ref)
+                if lineage.get_node(conn, upstream):
+                    lineage.consumed(conn, node, upstream)
+        return count
+
+    def snapshot_rows(self, name: str, split: str | None = None) -> list[dict]:
+        with self.stack.connect() as conn:
+            cursor = conn.execute(
+                """SELECT split, source, label, labeler, labeled_at, annotation_id, version
+                   FROM label_snapshot_rows WHERE use_case = %s AND snapshot = %s
+                   AND (%s::text IS NULL OR split = %s) ORDER BY source""",
+                [self.case.name, name, split, split],
+            )
+            columns = [c.name for c in cursor.description]
+            return [dict(zip(columns, row, strict=True)) for row in cursor]
+
+
+@dataclass
+class ExportResult:
+    commit: Commit
+    tasks: int
+    rows: int
+    loaded: int  # new rows: new annotations or new versions of changed ones
+    problems: list[str]
