@@ -45,6 +45,13 @@ COMMANDS = [
     ["data", "job", "logs"],
     ["data", "generate", "bbc-like"],
     ["data", "idx-to-png"],
+    ["data", "rm"],
+    ["label"],
+    ["label", "sync"],
+    ["label", "auto"],
+    ["label", "export"],
+    ["label", "snapshot", "create"],
+    ["label", "snapshot", "show"],
     ["demo"],
 ]
 

@@ -347,3 +347,14 @@ def test_cli_round_trip(shared_stack, tmp_path):
     assert log.stdout.count("finished") == 2
     bad = cdl("data", "put", f"{name}@master", str(tmp_path / "missing"), cwd=folder)
     assert bad.returncode == 1 and "cannot read" in bad.stderr
+
+
+def test_rm_files_and_folders(repos, repo, tmp_path):
+    first, _ = repos.put(Ref.parse(repo), [tree(tmp_path, {"a/1": b"1", "a/2": b"2", "b": b"3"})])
+    second = repos.delete(Ref.parse(repo), ["/a"], message="drop a")
+    assert listing(repos, repo) == {"/b": 1}
+    assert second.parent == first.id and second.message == "drop a"
+    assert listing(repos, f"{repo}@master^") == {"/a/1": 1, "/a/2": 1, "/b": 1}
+    with pytest.raises(CDLError, match="has no file or folder /zzz"):
+        repos.delete(Ref.parse(repo), ["/b", "/zzz"])
+    assert repos.resolve(repo).id == second.id  # nothing committed

@@ -38,6 +38,9 @@ def pachyderm(ctx: typer.Context) -> PachydermData | None:
     return PachydermData(data.pachd_address) if data.engine == "pachyderm" else None
 
 
+WAIT_HELP = "Run the jobs this triggers here, and wait for them (and those they trigger)."
+
+
 def repos(ctx: typer.Context) -> DataRepos:
     """The local engine's repos; commands that only it can serve stop here on Pachyderm."""
     if cli_context(ctx).settings.stack.data.engine != "local":
@@ -118,12 +121,7 @@ def put(
     dest: str = typer.Option("/", "--path", "-p", help="Folder in the repo to put them under."),
     message: str = typer.Option("", "--message", "-m", help="Commit message."),
     author: Optional[str] = typer.Option(None, help="Default: $CDL_AUTHOR, else user@host."),
-    wait: bool = typer.Option(
-        False,
-        "--wait",
-        help="Run the pipeline jobs this triggers here, "
-        "and wait for them (and those they trigger).",
-    ),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
     """Store files in a new commit on a branch (created if missing). Files already on the branch
     stay unless put again; identical bytes are stored once. Symbolic links and special files are
@@ -156,6 +154,24 @@ def put(
     console.print(
         f"committed {commit.ref} on {commit.branch}: {commit.file_count} files, "
         f"{human(commit.size_bytes)}",
+        highlight=False,
+    )
+    if wait:
+        run_and_report(ctx)
+
+
+@app.command()
+def rm(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., metavar="REPO[@BRANCH]", help="Where to commit."),
+    paths: List[str] = typer.Argument(..., help="Files or folders in the repo."),
+    message: str = typer.Option("", "--message", "-m", help="Commit message."),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
+) -> None:
+    """Make a commit without the given files or folders (earlier commits keep them)."""
+    commit = repos(ctx).delete(Ref.parse(target), paths, message)
+    console.print(
+        f"committed {commit.ref} on {commit.branch}: {commit.file_count} files left",
         highlight=False,
     )
     if wait:
@@ -352,7 +368,6 @@ def run_and_report(ctx: typer.Context) -> None:
         raise typer.Exit(1)
 
 
-WAIT_HELP = "Run the jobs this triggers here, and wait for them (and those they trigger)."
 SPEC_OPTION = typer.Option(
     ..., "--file", "-f", help="Pipeline spec (.json, .yaml or .yml).", exists=True, dir_okay=False
 )

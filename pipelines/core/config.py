@@ -23,6 +23,7 @@ CONFIG_FILE = "cdl.yaml"
 ENV_PREFIX = "CDL_"
 ENV_CONFIG = "CDL_CONFIG"
 ENV_STACK = "CDL_STACK"
+CHECKOUT = Path(__file__).resolve().parents[2]  # the CDL source tree (an editable install)
 
 
 class _Strict(BaseModel):
@@ -143,8 +144,9 @@ class Settings:
 
     @property
     def venvs(self) -> Path:
-        """The Label Studio and serving environments made by `make setup` (shared by all stacks)."""
-        return self.root / ".cdl" / "venvs"
+        """The Label Studio and serving environments `make setup` made in the CDL checkout
+        (shared by every project and stack); CDL_VENVS points elsewhere."""
+        return Path(os.environ.get("CDL_VENVS") or CHECKOUT / ".cdl" / "venvs")
 
 
 def find_config_file(environ: Mapping[str, str], cwd: Path) -> Path | None:

@@ -148,8 +148,14 @@ class Labeling:
     ) -> tuple[int, int]:
         """Import the source commit's files that have no task yet; return (new, already)."""
         source = self.case.spec.source
-        commit = self.repos.resolve(ref or source.repo)
         project_id = self.project()
+        try:
+            commit = self.repos.resolve(ref or source.repo)
+        except CDLError as exc:
+            raise CDLError(
+                f"no validated data to label for {self.case.name}: {exc.problem}",
+                f"run the data pipeline in {self.case.folder / 'data'} first",
+            ) from exc
         with self.stack.connect() as conn:
             known = {
                 (p, s)

@@ -609,6 +609,25 @@ class DataRepos:
                     progress(done, total)
         return writer.commit, scan
 
+    def delete(
+        self, target: Ref, paths: list[str], message: str = "", author: str | None = None
+    ) -> Commit:
+        """A new commit on `target` without the given files (or everything under the given
+        folders); a path that matches nothing is an error and nothing is committed."""
+        head = self.resolve(Ref(target.repo, target.name))
+        doomed: list[str] = []
+        for path in paths:
+            found = [entry.path for entry in self.files(head, path)]
+            if not found:
+                raise CDLError(
+                    f"{head.ref} has no file or folder {normalize_path(path)}", "see 'cdl data ls'"
+                )
+            doomed += found
+        with self.writer(target.repo, target.name or DEFAULT_BRANCH, message, author) as writer:
+            for path in doomed:
+                writer.delete(path)
+        return writer.commit
+
     # -- reading ---------------------------------------------------------------------------
 
     def files(self, commit: Commit, prefix: str = "/") -> Iterator[FileEntry]:

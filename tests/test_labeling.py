@@ -1,0 +1,260 @@
+"""The labeling loop with a real Label Studio server on the stack's Postgres: validated files
+become tasks, annotations come back into the label store, snapshots freeze them."""
+
+import gzip
+import shutil
+import struct
+
+import psycopg
+import pytest
+
+from pipelines.core import lineage
+from pipelines.core.errors import CDLError
+from pipelines.data import bbc
+from pipelines.data.engine import PipelineEngine
+from pipelines.data.label_studio import LabelStudioClient, LabelStudioServer
+from pipelines.data.labeling import Labeling, use_case
+from pipelines.data.repos import DataRepos, Ref
+from tests.conftest import REPO, cdl, destroy, make_project, stack_for
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A stack with Label Studio, and the BBC data pipeline run over a small generated corpus."""
+    stack = stack_for(make_project())
+    stack.up([LabelStudioServer(stack).spec])
+    repos, engine = DataRepos(stack), PipelineEngine(stack)
+    corpus = tmp_path_factory.mktemp("corpus") / "bbc"
+    bbc.generate(corpus, docs=40, seed=11)
+    repos.create_repo("bbc-raw")
+    repos.put(Ref.parse("bbc-raw"), [corpus])
+    for step in ("clean", "validate", "report"):
+        engine.create(REPO / "use_cases" / "bbc_news" / "data" / f"{step}.yaml")
+    engine.run_pending()
+    yield stack, Labeling(stack, use_case("bbc_news")), corpus
+    destroy(stack)
+
+
+def label_rows(stack, *columns):
+    with stack.connect() as conn:
+        return conn.execute(
+            f"SELECT {', '.join(columns)} FROM label_rows "
+            "WHERE use_case = 'bbc_news' ORDER BY annotation_id, version"
+        ).fetchall()
+
+
+def test_sync_auto_export_snapshot(lab, tmp_path):
+    stack, labeling, corpus = lab
+    repos = DataRepos(stack)
+    valid = [e for e in repos.files(repos.resolve("bbc-validate"), "/valid")]
+    new, known = labeling.sync()
+    assert (new, known) == (len(valid), 0)
+    assert labeling.sync() == (0, len(valid))  # idempotent
+    with stack.connect() as conn:
+        source = conn.execute("SELECT source FROM label_tasks LIMIT 1").fetchone()[0]
+    assert source.startswith("bbc-validate@") and ":/valid/" in source
+
+    assert labeling.auto_annotate() == len(valid)
+    result = labeling.export()
+    assert (result.rows, result.loaded, result.problems) == (len(valid), len(valid), [])
+    assert result.commit.repo == "bbc-news-labels"
+    assert labeling.export().loaded == 0  # nothing new: nothing loaded twice
+    rows = label_rows(stack, "split", "label", "labeler", "source", "version")
+    assert {r[2] for r in rows} == {"admin@cdl.local"}
+    assert all(r[4] == 1 for r in rows)
+    for label in bbc.CLASSES:  # stratified: about a fifth of each class is held out
+        splits = [r[0] for r in rows if r[1] == label]
+        assert splits.count("test") == round(0.2 * len(splits))
+    assert all(r[1] == r[3].split("/valid/")[1].split("/")[0] for r in rows)  # ground truth
+
+    count = labeling.snapshot("first")
+    assert count == len(valid)
+    with pytest.raises(CDLError, match="already exists"):
+        labeling.snapshot("first")
+    with stack.connect() as conn:
+        node = lineage.tree(conn, "label_snapshot:bbc_news/first")
+        assert node.children and node.children[0].kind == "dataset_commit"
+        with pytest.raises(psycopg.errors.RaiseException, match="immutable"):
+            conn.execute("UPDATE label_snapshot_rows SET label = 'tech'")
+
+    # A new file: one new task; a changed annotation: a new version, the current view follows.
+    extra = tmp_path / "extra" / "tech"
+    extra.mkdir(parents=True)
+    shutil.copyfile(corpus / "tech" / "001.txt", extra / "500.txt")
+    (extra / "500.txt").write_text((extra / "500.txt").read_text() + "A later paragraph.\n")
+    repos.put(Ref.parse("bbc-raw"), [tmp_path / "extra"])
+    PipelineEngine(stack).run_pending()
+    assert labeling.sync()[0] == 1
+    task_id, annotation_id = label_rows(stack, "task_id", "annotation_id")[0]
+    labeling.client.request(
+        "PATCH",
+        f"/api/annotations/{annotation_id}",
+        json={
+            "result": [
+                {
+                    "from_name": "topic",
+                    "to_name": "text",
+                    "type": "choices",
+                    "value": {"choices": ["politics"]},
+                }
+            ]
+        },
+    )
+    assert labeling.export().loaded == 1
+    with stack.connect() as conn:
+        versions = conn.execute(
+            "SELECT version, label FROM label_rows WHERE annotation_id = %s ORDER BY version",
+            [annotation_id],
+        ).fetchall()
+        current = conn.execute(
+            "SELECT label, version FROM labels_current WHERE annotation_id = %s", [annotation_id]
+        ).fetchone()
+    assert len(versions) == 2 and versions[1][1] == "politics"
+    assert current == ("politics", 2)
+    assert len(labeling.snapshot_rows("first")) == count  # the snapshot did not move
+
+
+def test_bad_annotations_are_reported_not_loaded(lab):
+    stack, labeling, _ = lab
+    labeling.sync()
+    with stack.connect() as conn:
+        tasks = [
+            r[0]
+            for r in conn.execute(
+                "SELECT task_id FROM label_tasks WHERE use_case = 'bbc_news' ORDER BY task_id DESC "
+                "LIMIT 3"
+            )
+        ]
+    before = len(label_rows(stack, "annotation_id"))
+    labeling.annotate(tasks[0])  # no choice
+    labeling.annotate(tasks[1], "sport", "tech")
+    try:
+        labeling.annotate(tasks[2], "weather")
+        outside_config = True
+    except CDLError as refused:  # Label Studio itself may refuse a label outside the config
+        assert "weather" in str(refused) or "HTTP 400" in str(refused)
+        outside_config = False
+    result = labeling.export()
+    problems = "\n".join(result.problems)
+    assert ": no choice" in problems
+    assert "2 choices ['sport', 'tech'], expected one" in problems
+    if outside_config:
+        assert "label 'weather' is not in the labeling config" in problems
+    assert len(label_rows(stack, "annotation_id")) == before
+
+
+def test_task_whose_file_left_the_dataset(lab):
+    stack, labeling, _ = lab
+    repos = DataRepos(stack)
+    labeling.sync()
+    labeling.auto_annotate()
+    labeling.export()
+    gone = repos.files(repos.resolve("bbc-raw"), "/business")
+    first = next(gone).path
+    repos.delete(Ref.parse("bbc-raw"), [first])
+    PipelineEngine(stack).run_pending()
+    result = labeling.export()
+    assert any("is no longer in bbc-validate@master" in p for p in result.problems)
+
+
+def test_export_is_all_or_nothing(lab, monkeypatch):
+    stack, labeling, _ = lab
+    labeling.sync()
+    labeling.auto_annotate()
+    labeling.export()
+    with stack.connect() as conn:
+        conn.execute("DELETE FROM label_rows WHERE use_case = 'bbc_news' AND version > 0")
+        conn.execute("DELETE FROM label_splits WHERE use_case = 'bbc_news'")
+        conn.commit()
+    real_rows = Labeling._rows
+
+    def rows_with_a_broken_last_one(self, *args):
+        rows, problems = real_rows(self, *args)
+        return rows + [{**rows[-1], "annotation_id": 10**9, "labeled_at": "not a time"}], problems
+
+    monkeypatch.setattr(Labeling, "_rows", rows_with_a_broken_last_one)
+    with pytest.raises(psycopg.errors.InvalidDatetimeFormat):
+        labeling.export()
+    assert label_rows(stack, "annotation_id") == []  # no half-loaded table
+    with stack.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM label_splits").fetchone() == (0,)
+    monkeypatch.undo()
+    assert labeling.export().loaded > 0
+
+
+def test_roles_keep_test_labels_from_scientists(lab):
+    stack, labeling, _ = lab
+    labeling.sync()
+    labeling.auto_annotate()
+    labeling.export()
+    with stack.connect() as conn:
+        conn.execute("SET ROLE cdl_scientist")
+        assert conn.execute("SELECT count(*) FROM labels_train").fetchone()[0] > 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT count(*) FROM labels_test")
+        conn.rollback()
+        conn.execute("SET ROLE cdl_evaluator")
+        assert conn.execute("SELECT count(*) FROM labels_test").fetchone()[0] > 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT count(*) FROM label_rows")
+
+
+def test_label_studio_down_is_a_clear_error():
+    client = LabelStudioClient("http://127.0.0.1:9", "0" * 40, retries=2, backoff_s=0.01)
+    with pytest.raises(CDLError, match=r"does not answer .* after 3 tries") as err:
+        client.projects()
+    assert "stack up --with label-studio" in err.value.fix
+
+
+def idx(dims, payload: bytes) -> bytes:
+    header = b"\0\0\x08" + bytes([len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
+    return gzip.compress(header + payload)
+
+
+def test_fashion_images_through_the_loop(lab, tmp_path):
+    stack, _, _ = lab
+    repos, engine = DataRepos(stack), PipelineEngine(stack)
+    fashion = Labeling(stack, use_case("fashion_mnist"))
+    with pytest.raises(CDLError, match="no validated data to label for fashion_mnist"):
+        fashion.sync()
+    src = tmp_path / "idx"
+    src.mkdir()
+    (src / "train-images-idx3-ubyte.gz").write_bytes(idx((20, 28, 28), bytes(20 * 784)))
+    (src / "train-labels-idx1-ubyte.gz").write_bytes(idx((20,), bytes(i % 10 for i in range(20))))
+    repos.create_repo("fashion-raw")
+    repos.put(Ref.parse("fashion-raw"), [src])
+    for step in ("ingest", "validate", "report"):
+        engine.create(REPO / "use_cases" / "fashion_mnist" / "data" / f"{step}.yaml")
+    engine.run_pending()
+    assert fashion.sync() == (20, 0)
+    assert fashion.auto_annotate() == 20
+    result = fashion.export()
+    assert (result.loaded, result.problems) == (20, [])
+    [task] = fashion.client.request(
+        "GET", "/api/tasks", params={"project": fashion.project(), "page_size": 1}
+    )["tasks"]
+    assert task["data"]["image"].startswith("data:image/png;base64,")
+
+
+def test_cli(lab):
+    stack, _, _ = lab
+    folder = stack.settings.root
+    assert "imported 0 new task(s)" in cdl("label", "sync", "bbc_news", cwd=folder).stdout
+    exported = cdl("label", "export", "bbc_news", cwd=folder)
+    assert exported.returncode == 0, exported.stderr
+    assert "raw export in bbc-news-labels@" in exported.stdout
+    created = cdl("label", "snapshot", "create", "bbc_news", "cli-snap", cwd=folder)
+    assert created.returncode == 0, created.stderr
+    shown = cdl("label", "snapshot", "show", "bbc_news", "cli-snap", cwd=folder)
+    assert "train" in shown.stdout and "test" in shown.stdout
+    unknown = cdl("label", "sync", "weather", cwd=folder)
+    assert unknown.returncode == 1 and "no use case 'weather'" in unknown.stderr
+
+
+def test_commands_without_label_studio(project_factory):
+    stack = project_factory()
+    stack.up()
+    result = cdl("label", "sync", "bbc_news", cwd=stack.settings.root)
+    assert result.returncode == 1
+    assert "Label Studio is not running" in result.stderr
+    assert "cdl stack up --with label-studio" in result.stderr
