@@ -52,6 +52,7 @@ COMMANDS = [
     ["label", "export"],
     ["label", "snapshot", "create"],
     ["label", "snapshot", "show"],
+    ["label", "webhooks"],
     ["demo"],
 ]
 

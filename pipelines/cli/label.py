@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 from typing import Optional
 
 import typer
@@ -9,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress
 from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console
-from pipelines.data.labeling import Labeling, use_case
+from pipelines.data.labeling import Labeling, serve_webhooks, use_case
 
 app = typer.Typer(
     help="Label validated data in Label Studio and keep the labels in Postgres. USE_CASE is a "
@@ -111,3 +114,21 @@ def snapshot_show(
     for (split, label), count in sorted(counts.items()):
         table.add_row(split, label, str(count))
     console.print(table)
+
+
+@app.command()
+def webhooks(
+    ctx: typer.Context,
+    port: int = typer.Option(..., help="Port on 127.0.0.1 to receive Label Studio webhooks on."),
+) -> None:
+    """Receive Label Studio's annotation webhooks and run an incremental export of the use case
+    they concern. `cdl stack up --with label-studio` runs this as the 'label-webhooks' service,
+    and `cdl label sync` points the project's webhooks at it."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def say(line: str) -> None:
+        console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", highlight=False)
+
+    serve_webhooks(cli_context(ctx).stack, port, stop, say)

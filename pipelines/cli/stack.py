@@ -12,6 +12,7 @@ from pipelines.cli.context import cli_context, console
 from pipelines.core.errors import CDLError
 from pipelines.core.stack import ComponentStatus
 from pipelines.data.label_studio import LabelStudioServer
+from pipelines.data.labeling import webhook_spec
 
 app = typer.Typer(
     help="Start, stop and inspect the stack (Postgres and the platform services).",
@@ -45,7 +46,10 @@ def _short(path: Path | None) -> str:
         return str(path)
 
 
-OPTIONAL = {"label-studio": lambda stack: LabelStudioServer(stack).spec}
+# Optional services: each name starts one or more services (spec factories).
+OPTIONAL = {
+    "label-studio": lambda stack: [LabelStudioServer(stack).spec, lambda: webhook_spec(stack)],
+}
 
 
 @app.command()
@@ -65,7 +69,7 @@ def up(
             f"no optional service {', '.join(unknown)}", f"choose from {', '.join(OPTIONAL)}"
         )
     with console.status("bringing the stack up"):
-        done = stack.up([OPTIONAL[name](stack) for name in with_services])
+        done = stack.up([make for name in with_services for make in OPTIONAL[name](stack)])
     for line in done:
         console.print(f"• {line}")
     console.print(status_table(stack.status()))

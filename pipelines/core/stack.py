@@ -70,7 +70,7 @@ class Stack:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _cli_service(self, name: str, *command: str) -> ServiceSpec:
+    def cli_service(self, name: str, *command: str) -> ServiceSpec:
         """A background `cdl` command of this stack, run by the platform venv's Python."""
         argv = [sys.executable, "-m", "pipelines.cli.main", "--stack", self.settings.stack_name]
         if self.settings.config_path:
@@ -82,8 +82,8 @@ class Stack:
     def services(self) -> list[ServiceSpec]:
         """What `up` starts: the event dispatcher and the pipeline worker."""
         return [
-            self._cli_service(EVENTS_SERVICE, "events", "dispatch"),
-            self._cli_service(PIPELINES_SERVICE, "data", "worker"),
+            self.cli_service(EVENTS_SERVICE, "events", "dispatch"),
+            self.cli_service(PIPELINES_SERVICE, "data", "worker"),
         ]
 
     def up(self, extra: Iterable[Callable[[], ServiceSpec]] = ()) -> list[str]:

@@ -13,9 +13,11 @@ import base64
 import hashlib
 import json
 import re
+import threading
 import xml.etree.ElementTree as ET
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.core import lineage
 from pipelines.core.errors import CDLError
+from pipelines.core.postgres import free_port
+from pipelines.core.services import ServiceSpec
 from pipelines.core.stack import Stack
 from pipelines.data.label_studio import LabelStudioClient, LabelStudioServer
 from pipelines.data.repos import Commit, DataRepos
@@ -133,6 +137,27 @@ class Labeling:
         )
         return created["id"]
 
+    def _register_webhook(self, project_id: int) -> None:
+        """Point the project's annotation webhooks at the stack's receiver, when it runs."""
+        if not self.stack.supervisor.status(WEBHOOK_SERVICE).healthy:
+            return
+        url = f"http://127.0.0.1:{webhook_port(self.stack)}/hook"
+        hooks = self.client.request("GET", "/api/webhooks", params={"project": project_id})
+        if any(h.get("url") == url for h in hooks or []):
+            return
+        self.client.request(
+            "POST",
+            "/api/webhooks",
+            json={
+                "project": project_id,
+                "url": url,
+                "send_payload": True,
+                "send_for_all_actions": False,
+                "actions": WEBHOOK_ACTIONS,
+                "is_active": True,
+            },
+        )
+
     # -- sync ----------------------------------------------------------------------------
 
     def _task_data(self, commit: Commit, entry) -> dict:
@@ -149,6 +174,7 @@ class Labeling:
         """Import the source commit's files that have no task yet; return (new, already)."""
         source = self.case.spec.source
         project_id = self.project()
+        self._register_webhook(project_id)
         try:
             commit = self.repos.resolve(ref or source.repo)
         except CDLError as exc:
@@ -512,3 +538,92 @@ class ExportResult:
     rows: int
     loaded: int  # new rows: new annotations or new versions of changed ones
     problems: list[str]
+
+
+# -- the webhook receiver: annotations trigger incremental exports ------------------------------
+
+WEBHOOK_SERVICE = "label-webhooks"
+WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
+DEBOUNCE_S = 1.0  # a burst of annotations becomes one export
+
+
+def webhook_port(stack: Stack) -> int:
+    state = stack.settings.home / "label-studio" / "webhooks.json"
+    try:
+        return json.loads(state.read_text())["port"]
+    except (OSError, ValueError, KeyError):
+        port = free_port()
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps({"port": port}))
+        return port
+
+
+def webhook_spec(stack: Stack) -> ServiceSpec:
+    port = webhook_port(stack)
+    spec = stack.cli_service(WEBHOOK_SERVICE, "label", "webhooks", "--port", str(port))
+    return replace(
+        spec, health_url=f"http://127.0.0.1:{port}/", address=f"http://127.0.0.1:{port}/hook"
+    )
+
+
+def serve_webhooks(
+    stack: Stack, port: int, stop: threading.Event, say: Callable[[str], None]
+) -> None:
+    """Receive Label Studio's annotation webhooks and export the use case they concern."""
+    projects = {
+        use_case(p.parent.name).spec.project: p.parent.name
+        for p in USE_CASES.glob("*/labeling.yaml")
+    }
+    due: set[str] = set()
+    wake = threading.Condition()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # health
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                payload = json.loads(body or b"{}")
+                title = (payload.get("project") or {}).get("title")
+                action = payload.get("action")
+            except (ValueError, AttributeError):
+                title, action = None, None
+            name = projects.get(title)
+            self.send_response(200 if name else 202)
+            self.end_headers()
+            if name and action in WEBHOOK_ACTIONS:
+                with wake:
+                    due.add(name)
+                    wake.notify()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    say(f"receiving Label Studio webhooks on http://127.0.0.1:{port}/hook")
+    try:
+        while not stop.is_set():
+            with wake:
+                wake.wait_for(lambda: due or stop.is_set(), timeout=1.0)
+            if not due:
+                continue
+            stop.wait(DEBOUNCE_S)
+            with wake:
+                names, due_now = sorted(due), None
+                due.clear()
+            for name in names:
+                try:
+                    result = Labeling(stack, use_case(name)).export()
+                    say(
+                        f"{name}: exported, {result.loaded} new label row(s)"
+                        + (f", {len(result.problems)} skipped" if result.problems else "")
+                    )
+                except CDLError as exc:
+                    say(f"{name}: export failed: {exc}")
+            del due_now
+    finally:
+        server.shutdown()
