@@ -134,17 +134,21 @@ def test_commands_needing_the_database_say_to_start_the_stack():
     assert "run 'cdl stack up'" in result.stderr
 
 
-def test_demo_brings_the_stack_up_and_shows_it():
+def test_demo_runs_the_bbc_news_data_and_labeling_loop():
     folder = make_project()
     try:
-        result = cdl("demo", cwd=folder)
+        result = cdl("demo", "--docs", "40", cwd=folder, timeout=600)
         assert result.returncode == 0, result.stderr
-        assert "CDL demo" in result.stdout and result.stdout.count("healthy") == 3
-        assert "put 12 files into demo-articles@" in result.stdout
-        assert "stats: 12 samples" in result.stdout
-        assert "job" in result.stdout and "success, 3 datums run, 0 reused" in result.stdout
-        again = cdl("demo", cwd=folder)
+        out = result.stdout
+        assert "CDL demo" in out and out.count("healthy") == 5
+        assert "bbc-clean: job" in out and "success" in out
+        assert "validation: 41 valid, 2 quarantined" in out  # the latin-1 one is cleaned
+        assert "41 new task(s), 0 already there" in out  # 40 articles + the latin-1 one
+        assert "annotated 41 task(s)" in out
+        assert "snapshot bbc_news/demo-" in out and "label_snapshot bbc_news/demo-" in out
+        again = cdl("demo", "--docs", "40", cwd=folder, timeout=600)
         assert again.returncode == 0, again.stderr
-        assert "success, 0 datums run, 3 reused" in again.stdout
+        assert "0 new task(s), 41 already there" in again.stdout
+        assert "0 datums run" in again.stdout and "0 new row(s) loaded" in again.stdout
     finally:
         cdl("stack", "down", cwd=folder)

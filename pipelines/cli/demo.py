@@ -1,85 +1,106 @@
-"""`cdl demo`: the platform end to end on the local stack. Safe to run again: a second run adds
-a commit whose content is unchanged, and the pipeline reuses every earlier datum."""
+"""`cdl demo`: the platform end to end on the local stack, for the BBC news use case. Safe to
+run again: the same corpus makes a commit with unchanged content, the pipelines reuse every
+datum, no task is imported twice and no label loaded twice."""
 
 from __future__ import annotations
 
-import random
+import json
 import tempfile
+import time
 from pathlib import Path
 
 import typer
 
 from pipelines.cli.context import cli_context, console
-from pipelines.cli.stack import status_table
+from pipelines.cli.lineage import render
+from pipelines.cli.stack import OPTIONAL, status_table
+from pipelines.core import lineage
 from pipelines.core.errors import CDLError
-from pipelines.data import formats
+from pipelines.data import bbc, formats
 from pipelines.data.engine import PipelineEngine
+from pipelines.data.labeling import USE_CASES, Labeling, use_case
 from pipelines.data.repos import DataRepos, Ref
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"
-DEMO_REPO = "demo-articles"
-TOPICS = {
-    "business": "market shares profit company bank growth economy",
-    "sport": "match team goal season player coach league",
-    "tech": "software phone internet chip users data network",
-}
+RAW_REPO = "bbc-raw"
+STEPS = ("clean", "validate", "report")
 
 
-def write_articles(folder: Path, per_class: int = 4) -> None:
-    """A few short articles per topic, the same on every run (fixed seed)."""
-    rng = random.Random(0)
-    for topic, words in TOPICS.items():
-        (folder / topic).mkdir(parents=True)
-        vocabulary = words.split() + "the a of and to in on".split()
-        for i in range(per_class):
-            text = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(20, 60)))
-            (folder / topic / f"{i:03d}.txt").write_text(f"{topic} story {i}\n{text}\n")
-
-
-def demo(ctx: typer.Context) -> None:
-    """Run the demo on the selected stack: bring the stack up, version a small dataset, compute
-    its statistics and run a pipeline over it."""
+def demo(
+    ctx: typer.Context,
+    docs: int = typer.Option(100, min=5, help="Articles in the generated BBC-like corpus."),
+) -> None:
+    """Run the demo on the selected stack: bring the stack up with Label Studio, version a
+    generated BBC-like corpus, run the BBC data pipeline (clean, validate, report), label the
+    validated articles in Label Studio, export the labels to Postgres and freeze a snapshot."""
     stack = cli_context(ctx).stack
     console.rule("CDL demo: the stack")
-    with console.status("bringing the stack up"):
-        done = stack.up()
+    with console.status("bringing the stack up (Label Studio's first start takes a minute)"):
+        done = stack.up(OPTIONAL["label-studio"](stack))
     for line in done:
         console.print(f"• {line}")
     console.print(status_table(stack.status()))
 
-    console.rule("versioned data")
+    console.rule("data pipeline: raw articles to validated data")
     repos, engine = DataRepos(stack), PipelineEngine(stack)
-    if DEMO_REPO not in {r["name"] for r in repos.list_repos()}:
-        repos.create_repo(DEMO_REPO, "demo news articles, one folder per topic")
+    if RAW_REPO not in {r["name"] for r in repos.list_repos()}:
+        repos.create_repo(RAW_REPO, "raw BBC-like articles, one folder per topic")
     with tempfile.TemporaryDirectory() as tmp:
-        write_articles(Path(tmp))
-        commit, _ = repos.put(Ref.parse(DEMO_REPO), [Path(tmp)], message="demo articles")
-    console.print(f"put {commit.file_count} files into {commit.ref}")
-    stats = formats.compute(repos, commit)
-    console.print(f"stats: {stats.samples} samples, classes {stats.classes}")
-
-    console.rule("pipeline")
-    spec = EXAMPLES / "word_count.yaml"
+        written = bbc.generate(Path(tmp) / "bbc", docs, seed=0)
+        commit, _ = repos.put(Ref.parse(RAW_REPO), [Path(tmp) / "bbc"], message="demo corpus")
+    console.print(f"put {commit.file_count} files into {commit.ref} ({written})")
+    stats = formats.compute(repos, commit, "folder")
+    console.print(f"stats: {stats.samples} files, classes {stats.classes}")
     existing = {p["name"] for p in engine.list()}
-    info = engine.create(spec, update="demo-word-count" in existing)
-    console.print(f"pipeline {info['name']} version {info['version']} from {spec.name}")
-    engine.run_pending()  # the stack's worker may run the job: wait for it either way
-    job = engine.jobs(info["name"], limit=1)[0]
-    console.print(
-        f"job {job.id[:12]}: {job.state}, {job.datums_processed} datums run, "
-        f"{job.datums_skipped} reused"
-    )
-    if job.state != "success":
-        raise CDLError(
-            f"the demo pipeline failed: {job.error}",
-            f"see 'cdl data job logs {job.id[:12]} --failed'",
+    for step in STEPS:
+        spec = USE_CASES / "bbc_news" / "data" / f"{step}.yaml"
+        name = f"bbc-{step}" if step != "report" else "bbc-validation-report"
+        engine.create(spec, update=name in existing)
+    engine.run_pending()  # the stack's worker may run some jobs: wait for all either way
+    for name in ("bbc-clean", "bbc-validate", "bbc-validation-report"):
+        job = engine.jobs(name, limit=1)[0]
+        console.print(
+            f"{name}: job {job.id[:12]} {job.state}, {job.datums_processed} datums "
+            f"run, {job.datums_skipped} reused"
         )
-    output = repos.resolve(info["name"])
-    console.print(
-        f"output {output.ref}: {output.file_count} files, computed from "
-        f"{', '.join(c.ref for c in repos.provenance(output))}"
+        if job.state != "success":
+            raise CDLError(
+                f"the demo pipeline {name} failed: {job.error}",
+                f"see 'cdl data job logs {job.id[:12]} --failed'",
+            )
+    report = json.loads(
+        b"".join(
+            repos.store.read_chunks(
+                next(
+                    repos.files(repos.resolve("bbc-validation-report"), "/validation-report.json")
+                ).sha256
+            )
+        )
     )
     console.print(
-        "Next: [bold]cdl data log demo-articles[/], [bold]cdl data ls demo-word-count -r[/], "
-        "[bold]cdl lineage show dataset_commit:" + output.ref + "[/], [bold]cdl stack down[/]."
+        f"validation: {report['valid']} valid, {report['quarantined']} quarantined "
+        f"{report['quarantined_per_reason']}"
+    )
+
+    console.rule("labeling: Label Studio to the Postgres label store")
+    labeling = Labeling(stack, use_case("bbc_news"))
+    new, known = labeling.sync()
+    console.print(
+        f"Label Studio at {labeling.client.url}: {new} new task(s), {known} already "
+        f"there (admin: see .cdl/secrets)"
+    )
+    console.print(f"annotated {labeling.auto_annotate()} task(s) as a labeler would")
+    result = labeling.export()
+    console.print(
+        f"export: {result.rows} labels, {result.loaded} new row(s) loaded; raw export "
+        f"in {result.commit.ref}"
+    )
+    name = time.strftime("demo-%Y%m%d-%H%M%S")
+    rows = labeling.snapshot(name)
+    console.print(f"snapshot bbc_news/{name}: {rows} labels")
+    with stack.connect() as conn:
+        tree = lineage.tree(conn, f"label_snapshot:bbc_news/{name}", depth=6)
+    console.print(render(tree))
+    console.print(
+        "Next: [bold]cdl label snapshot show bbc_news " + name + "[/], "
+        "[bold]cdl data job list[/], [bold]cdl stack down[/]."
     )
