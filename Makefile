@@ -11,10 +11,10 @@ demo: setup
 	.venv/bin/cdl demo
 
 bench: setup
-	cd bench && for b in stack_startup data_put data_pipeline data_listing; do \
+	cd bench && for b in stack_startup data_put data_pipeline data_listing label_load label_sync; do \
 		../.venv/bin/python $$b.py || exit 1; done
 
 # Stops the local stack and removes its state (databases, logs); the venvs stay.
 clean:
 	-.venv/bin/cdl stack down
-	rm -rf .cdl/postgres .cdl/logs .cdl/run .cdl/secrets .cdl/objects
+	rm -rf .cdl/postgres .cdl/logs .cdl/run .cdl/secrets .cdl/objects .cdl/label-studio

@@ -10,12 +10,10 @@ task keeps `repo@commit:path` in its meta.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import re
 import threading
 import xml.etree.ElementTree as ET
-from collections import Counter
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -386,46 +384,42 @@ class Labeling:
                 )
         return rows, problems
 
-    def _assign_splits(self, conn, rows: list[dict]) -> None:
-        """New files get a split, stratified by label: each label's test share stays at the
-        configured fraction. Files keep their split for ever."""
-        spec = self.case.spec
-        assigned = {
-            p: s
-            for p, s in conn.execute(
-                "SELECT path, split FROM label_splits WHERE use_case = %s", [self.case.name]
-            )
-        }
-        by_label: dict[str, list[str]] = {}
-        for row in rows:
-            if row["path"] not in assigned:
-                by_label.setdefault(row["label"], [])
-                if row["path"] not in by_label[row["label"]]:
-                    by_label[row["label"]].append(row["path"])
-        label_of = {row["path"]: row["label"] for row in rows}
-        counts = Counter((label_of.get(p), s) for p, s in assigned.items() if p in label_of)
-        new_rows = []
-        for label, paths in sorted(by_label.items()):
-            ordered = sorted(
-                paths, key=lambda p: hashlib.sha256(f"{spec.split_seed}:{p}".encode()).hexdigest()
-            )
-            total = counts[(label, "train")] + counts[(label, "test")] + len(ordered)
-            test = counts[(label, "test")]
-            for path in ordered:
-                split = "test" if test < round(spec.test_fraction * total) else "train"
-                test += split == "test"
-                new_rows.append((self.case.name, path, split))
-        if new_rows:
-            with conn.cursor().copy("COPY label_splits (use_case, path, split) FROM STDIN") as copy:
-                for row in new_rows:
-                    copy.write_row(row)
+    def _assign_splits(self, conn) -> None:
+        """Files in `incoming` without a split get one, stratified by label: in an order fixed
+        by the seed, each label's new files go to test until that label's test share reaches
+        the configured fraction. Files keep their split for ever."""
+        conn.execute(
+            """INSERT INTO label_splits (use_case, path, split, label)
+               SELECT %(uc)s, n.path,
+                      CASE WHEN n.rank <= round(%(fraction)s * (coalesce(e.total, 0) + n.new))
+                                          - coalesce(e.test, 0)
+                           THEN 'test' ELSE 'train' END,
+                      n.label
+               FROM (SELECT path, label,
+                            row_number() OVER (PARTITION BY label
+                                               ORDER BY hashtext(%(seed)s || path), path) AS rank,
+                            count(*) OVER (PARTITION BY label) AS new
+                     FROM (SELECT path, min(label) AS label FROM incoming i
+                           WHERE NOT EXISTS (SELECT 1 FROM label_splits s
+                                             WHERE s.use_case = %(uc)s AND s.path = i.path)
+                           GROUP BY path) unsplit) n
+               LEFT JOIN (SELECT label, count(*) AS total,
+                                 count(*) FILTER (WHERE split = 'test') AS test
+                          FROM label_splits WHERE use_case = %(uc)s GROUP BY label) e
+                 ON e.label = n.label""",
+            {
+                "uc": self.case.name,
+                "fraction": self.case.spec.test_fraction,
+                "seed": f"{self.case.spec.split_seed}:",
+            },
+        )
 
     def _load(self, rows: list[dict]) -> int:
         with self.stack.connect() as conn, conn.transaction():
+            conn.execute("SET LOCAL work_mem = '64MB'")  # sorts of big exports stay in memory
             conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"cdl.labels:{self.case.name}"]
             )
-            self._assign_splits(conn, rows)
             conn.execute(
                 """CREATE TEMP TABLE incoming (path text, source text, label text, labeler text,
                        labeled_at timestamptz, task_id integer, annotation_id integer,
@@ -448,6 +442,7 @@ class Labeling:
                             r["export_commit"],
                         ]
                     )
+            self._assign_splits(conn)
             inserted = conn.execute(
                 """INSERT INTO label_rows (use_case, split, source, label, labeler, labeled_at,
                                            task_id, annotation_id, version, export_commit)

@@ -14,11 +14,13 @@ CREATE TABLE label_tasks (
     UNIQUE (use_case, task_id)
 );
 
--- Which split each labelled file belongs to; assigned once, never moved.
+-- Which split each labelled file belongs to; assigned once (stratified by the label it had
+-- then), never moved.
 CREATE TABLE label_splits (
     use_case  text NOT NULL,
     path      text NOT NULL,
     split     text NOT NULL CHECK (split IN ('train', 'test')),
+    label     text NOT NULL,
     PRIMARY KEY (use_case, path)
 );
 

@@ -1,0 +1,79 @@
+"""Label Studio round trip at the size of the real BBC corpus: `cdl label sync` of 2,225 text
+tasks, then `cdl label export` of 2,225 annotations into the label store.
+
+The validated articles are put straight into `bbc-validate` (the data pipeline has its own
+benchmark); the annotations are made through the API before the export is timed.
+
+Run: .venv/bin/python bench/label_sync.py [--docs N]
+Targets: sync <= 30 s, export + load <= 10 s. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from common import throwaway_stack
+
+from pipelines.data import bbc
+from pipelines.data.label_studio import LabelStudioServer
+from pipelines.data.labeling import Labeling, class_of, use_case
+from pipelines.data.repos import DataRepos, Ref
+
+SYNC_TARGET_S = 30
+EXPORT_TARGET_S = 10
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=2225)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cdl-bench-label-"))
+    try:
+        bbc.generate(work / "valid", args.docs, seed=4, dirty=False)
+        with throwaway_stack() as stack:
+            stack.up([LabelStudioServer(stack).spec])  # no webhook receiver: exports only here
+            repos = DataRepos(stack)
+            repos.create_repo("bbc-validate")
+            repos.put(Ref.parse("bbc-validate"), [work / "valid"], dest="/valid")
+            labeling = Labeling(stack, use_case("bbc_news"))
+            labeling.project()  # created before the clock starts, as in a running project
+            start = time.perf_counter()
+            new, _ = labeling.sync()
+            sync_s = time.perf_counter() - start
+            with stack.connect() as conn:
+                tasks = conn.execute("SELECT task_id, path FROM label_tasks").fetchall()
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda t: labeling.annotate(t[0], class_of(t[1], "/valid")), tasks))
+            start = time.perf_counter()
+            result = labeling.export()
+            export_s = time.perf_counter() - start
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    figures = {
+        "tasks": new,
+        "sync_s": round(sync_s, 2),
+        "sync_tasks_per_s": round(new / sync_s),
+        "annotations": result.rows,
+        "rows_loaded": result.loaded,
+        "export_load_s": round(export_s, 2),
+        "target_sync_s": SYNC_TARGET_S,
+        "target_export_load_s": EXPORT_TARGET_S,
+        "met": sync_s <= SYNC_TARGET_S
+        and export_s <= EXPORT_TARGET_S
+        and result.loaded == new == args.docs,
+    }
+    print(
+        f"sync of {new} tasks: {sync_s:.1f} s (target <= {SYNC_TARGET_S} s); export + load of "
+        f"{result.rows} annotations: {export_s:.1f} s (target <= {EXPORT_TARGET_S} s)"
+    )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
