@@ -113,7 +113,7 @@ class PipelineEngine:
         code = code_hash(spec, workdir)
         with self.stack.connect() as conn:
             for leaf in spec.input.leaves():
-                self.repos._require_repo(conn, leaf.repo)
+                self.repos.require_repo(conn, leaf.repo)
             existing = conn.execute(
                 "SELECT version, salt FROM pipelines WHERE name = %s", [spec.name]
             ).fetchone()
@@ -234,7 +234,7 @@ class PipelineEngine:
             ).fetchone()
             if row is None or row[0] is None:
                 return None
-            heads[leaf.input_name] = self.repos._commit(conn, row[0])
+            heads[leaf.input_name] = self.repos.commit_by_id(conn, row[0])
         return heads
 
     def _plan(self, conn: psycopg.Connection, name: str):

@@ -261,7 +261,7 @@ class DataRepos:
                 "INSERT INTO data_branches (repo, name) VALUES (%s, %s)", [name, DEFAULT_BRANCH]
             )
 
-    def _require_repo(self, conn: psycopg.Connection, name: str) -> None:
+    def require_repo(self, conn: psycopg.Connection, name: str) -> None:
         if not conn.execute("SELECT 1 FROM data_repos WHERE name = %s", [name]).fetchone():
             known = [r[0] for r in conn.execute("SELECT name FROM data_repos ORDER BY name")]
             raise CDLError(
@@ -288,7 +288,7 @@ class DataRepos:
 
     def delete_repo(self, name: str) -> None:
         with self.connect() as conn, conn.transaction():
-            self._require_repo(conn, name)
+            self.require_repo(conn, name)
             downstream = conn.execute(
                 """SELECT DISTINCT d.repo FROM data_provenance p
                    JOIN data_commits u ON u.id = p.upstream_id
@@ -306,17 +306,17 @@ class DataRepos:
 
     def branches(self, repo: str) -> list[tuple[str, Commit | None]]:
         with self.connect() as conn:
-            self._require_repo(conn, repo)
+            self.require_repo(conn, repo)
             names = conn.execute(
                 "SELECT name, head FROM data_branches WHERE repo = %s ORDER BY name", [repo]
             ).fetchall()
-            return [(n, self._commit(conn, h) if h else None) for n, h in names]
+            return [(n, self.commit_by_id(conn, h) if h else None) for n, h in names]
 
     def create_branch(self, repo: str, name: str, source: Ref | None = None) -> Commit | None:
         if not BRANCH_NAME.match(name):
             raise CDLError(f"'{name}' is not a valid branch name", "use letters, digits, . - _")
         with self.connect() as conn, conn.transaction():
-            self._require_repo(conn, repo)
+            self.require_repo(conn, repo)
             head = self._resolve(conn, source) if source else None
             if head and head.repo != repo:
                 raise CDLError(f"{source} is not in repo '{repo}'", "branch from a commit of it")
@@ -340,12 +340,12 @@ class DataRepos:
     # -- commits -------------------------------------------------------------------------
 
     @staticmethod
-    def _commit(conn: psycopg.Connection, commit_id: str) -> Commit | None:
+    def commit_by_id(conn: psycopg.Connection, commit_id: str) -> Commit | None:
         with conn.cursor(row_factory=class_row(Commit)) as cur:
             return cur.execute("SELECT * FROM data_commits WHERE id = %s", [commit_id]).fetchone()
 
     def _resolve(self, conn: psycopg.Connection, ref: Ref) -> Commit:
-        self._require_repo(conn, ref.repo)
+        self.require_repo(conn, ref.repo)
         name = ref.name or DEFAULT_BRANCH
         row = conn.execute(
             "SELECT head FROM data_branches WHERE repo = %s AND name = %s", [ref.repo, name]
@@ -353,7 +353,7 @@ class DataRepos:
         if row is not None:
             if row[0] is None:
                 raise CDLError(f"branch {ref.repo}@{name} has no commits yet", "put files first")
-            commit = self._commit(conn, row[0])
+            commit = self.commit_by_id(conn, row[0])
         else:
             if not re.fullmatch(r"[0-9a-f]{6,32}", name):
                 raise CDLError(
@@ -369,11 +369,11 @@ class DataRepos:
                 raise CDLError(
                     f"{problem} in {ref.repo} starts with '{name}'", "give more of the commit id"
                 )
-            commit = self._commit(conn, ids[0][0])
+            commit = self.commit_by_id(conn, ids[0][0])
         for _ in range(ref.parents):
             if commit.parent is None:
                 raise CDLError(f"{ref} goes past the first commit of {ref.repo}")
-            commit = self._commit(conn, commit.parent)
+            commit = self.commit_by_id(conn, commit.parent)
         return commit
 
     def resolve(self, ref: Ref | str) -> Commit:
@@ -389,7 +389,7 @@ class DataRepos:
     def log(self, repo: str, branch: str | None = None, limit: int = 50) -> list[Commit]:
         """Commits of a branch from its head back, or of the whole repo (open ones included)."""
         with self.connect() as conn, conn.cursor(row_factory=class_row(Commit)) as cur:
-            self._require_repo(conn, repo)
+            self.require_repo(conn, repo)
             if branch is None:
                 return cur.execute(
                     "SELECT * FROM data_commits WHERE repo = %s ORDER BY started_at DESC LIMIT %s",
@@ -448,7 +448,7 @@ class DataRepos:
         if not BRANCH_NAME.match(branch):
             raise CDLError(f"'{branch}' is not a valid branch name", "use letters, digits, . - _")
         with self.connect() as conn:
-            self._require_repo(conn, repo)
+            self.require_repo(conn, repo)
             self._lock_branch(conn, repo, branch, on_wait)
             try:
                 self._discard_open(conn, repo, branch)
@@ -467,7 +467,7 @@ class DataRepos:
                        VALUES (%s, %s, %s, %s, 'open', %s, %s, %s)""",
                     [commit_id, repo, branch, head, origin, message, author or default_author()],
                 )
-                writer = CommitWriter(self, conn, self._commit(conn, commit_id))
+                writer = CommitWriter(self, conn, self.commit_by_id(conn, commit_id))
                 try:
                     yield writer
                     writer.flush()
@@ -507,7 +507,7 @@ class DataRepos:
         """Discard open commits left by dead writers on every branch of `repo`."""
         removed = 0
         with self.connect() as conn:
-            self._require_repo(conn, repo)
+            self.require_repo(conn, repo)
             branches = conn.execute(
                 "SELECT DISTINCT branch FROM data_commits WHERE repo = %s AND state = 'open'",
                 [repo],
@@ -551,7 +551,7 @@ class DataRepos:
                     "INSERT INTO data_provenance (commit_id, upstream_id) VALUES (%s, %s)",
                     [commit.id, upstream.id],
                 )
-            finished = self._commit(conn, commit.id)
+            finished = self.commit_by_id(conn, commit.id)
             lineage.record_node(
                 conn,
                 lineage.Kind.DATASET_COMMIT,
