@@ -63,6 +63,23 @@ def project_factory():
         destroy(stack)
 
 
+@pytest.fixture
+def project_dir():
+    """Make throwaway project folders for tests that drive the CLI; each is stopped and removed
+    afterwards."""
+    made: list[Path] = []
+
+    def factory(config: dict | None = None) -> Path:
+        made.append(make_project(config))
+        return made[-1]
+
+    yield factory
+    for folder in made:
+        if (folder / ".cdl").exists():
+            cdl("stack", "down", cwd=folder)
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def shared_stack():
     """One running stack for the tests that only read and write rows."""

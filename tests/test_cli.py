@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from tests.conftest import REPO, cdl, make_project
+from tests.conftest import REPO, cdl
 
 COMMANDS = [
     [],
@@ -78,8 +78,8 @@ def test_unknown_command_is_a_usage_error():
     assert "No such command 'stak'" in result.stderr
 
 
-def test_stack_up_status_down_through_the_cli():
-    folder = make_project()
+def test_stack_up_status_down_through_the_cli(project_dir):
+    folder = project_dir()
     try:
         up = cdl("stack", "up", cwd=folder)
         assert up.returncode == 0, up.stderr
@@ -96,8 +96,8 @@ def test_stack_up_status_down_through_the_cli():
     assert after.returncode == 1 and "stopped" in after.stdout
 
 
-def test_occupied_port_is_a_one_line_error():
-    folder = make_project()
+def test_occupied_port_is_a_one_line_error(project_dir):
+    folder = project_dir()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -109,11 +109,11 @@ def test_occupied_port_is_a_one_line_error():
     assert "fix: set postgres.port / CDL_POSTGRES__PORT to a free port" in line
 
 
-def test_unreachable_dsn_is_a_one_line_error():
+def test_unreachable_dsn_is_a_one_line_error(project_dir):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    folder = make_project({"stacks": {"local": {}}})
+    folder = project_dir({"stacks": {"local": {}}})
     result = cdl(
         "stack",
         "up",
@@ -127,15 +127,15 @@ def test_unreachable_dsn_is_a_one_line_error():
     )
 
 
-def test_commands_needing_the_database_say_to_start_the_stack():
-    folder = make_project()
+def test_commands_needing_the_database_say_to_start_the_stack(project_dir):
+    folder = project_dir()
     result = cdl("events", "tail", cwd=folder)
     assert result.returncode == 1
     assert "run 'cdl stack up'" in result.stderr
 
 
-def test_demo_runs_the_bbc_news_data_and_labeling_loop():
-    folder = make_project()
+def test_demo_runs_the_bbc_news_data_and_labeling_loop(project_dir):
+    folder = project_dir()
     try:
         result = cdl("demo", "--docs", "40", cwd=folder, timeout=600)
         assert result.returncode == 0, result.stderr

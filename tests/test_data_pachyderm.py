@@ -11,7 +11,7 @@ import pytest
 from pipelines.core.errors import CDLError
 from pipelines.data.pachyderm import PachydermData, request_as_dict, request_for, spec_json
 from pipelines.data.spec import load_spec, parse_spec
-from tests.conftest import REPO, cdl, make_project
+from tests.conftest import REPO, cdl
 
 SPECS = sorted(p for p in (REPO / "use_cases").glob("*/data/*") if p.suffix in (".json", ".yaml"))
 
@@ -99,9 +99,9 @@ def test_bad_pachd_address():
         PachydermData("ftp://x")
 
 
-def test_cli_on_a_pachyderm_stack():
+def test_cli_on_a_pachyderm_stack(project_dir):
     address = f"grpc://127.0.0.1:{free_port()}"
-    folder = make_project(
+    folder = project_dir(
         {"stacks": {"local": {"data": {"engine": "pachyderm", "pachd_address": address}}}}
     )
     listing = cdl("data", "repo", "list", cwd=folder)
