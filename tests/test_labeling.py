@@ -77,6 +77,8 @@ def test_sync_auto_export_snapshot(lab, tmp_path):
     with stack.connect() as conn:
         node = lineage.tree(conn, "label_snapshot:bbc_news/first")
         assert node.children and node.children[0].kind == "dataset_commit"
+        assert node.attributes["train"] + node.attributes["test"] == count
+        assert node.attributes["test_fraction"] == 0.2 and node.attributes["split_seed"] == 13
         with pytest.raises(psycopg.errors.RaiseException, match="immutable"):
             conn.execute("UPDATE label_snapshot_rows SET label = 'tech'")
 
@@ -218,6 +220,11 @@ def test_roles_keep_test_labels_from_scientists(lab):
     with stack.connect() as conn:
         conn.execute("SET ROLE cdl_scientist")
         assert conn.execute("SELECT count(*) FROM labels_train").fetchone()[0] > 0
+        assert conn.execute("SELECT count(*) FROM labels_bbc_news_train").fetchone()[0] > 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT count(*) FROM labels_bbc_news_test")
+        conn.rollback()
+        conn.execute("SET ROLE cdl_scientist")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT count(*) FROM labels_test")
         conn.rollback()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.core import lineage
@@ -457,7 +458,27 @@ class Labeling:
                       OR c.labeled_at <> i.labeled_at OR c.labeler <> i.labeler""",
                 {"uc": self.case.name},
             ).rowcount
+            self._split_views(conn)
         return inserted
+
+    def _split_views(self, conn) -> None:
+        """`labels_<use case>_train` and `_test`: the use case's current labels of one split,
+        readable by the roles allowed to see that split."""
+        for split in SPLITS:
+            view = sql.Identifier(f"labels_{self.case.name}_{split}")
+            conn.execute(
+                sql.SQL(
+                    """CREATE OR REPLACE VIEW {} AS
+                   SELECT source, label, labeler, labeled_at, annotation_id, version
+                   FROM labels_current WHERE use_case = {} AND split = {}"""
+                ).format(view, sql.Literal(self.case.name), sql.Literal(split))
+            )
+            readers = ["cdl_evaluator"] + (["cdl_scientist"] if split == "train" else [])
+            for role in readers:
+                if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone():
+                    conn.execute(
+                        sql.SQL("GRANT SELECT ON {} TO {}").format(view, sql.Identifier(role))
+                    )
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -497,8 +518,22 @@ class Labeling:
                    FROM labels_current WHERE use_case = %s""",
                 [name, self.case.name],
             )
+            per_split = dict(
+                conn.execute(
+                    """SELECT split, count(*) FROM label_snapshot_rows
+                   WHERE use_case = %s AND snapshot = %s GROUP BY split""",
+                    [self.case.name, name],
+                ).fetchall()
+            )
             node = lineage.record_node(
-                conn, lineage.Kind.LABEL_SNAPSHOT, f"{self.case.name}/{name}", rows=count
+                conn,
+                lineage.Kind.LABEL_SNAPSHOT,
+                f"{self.case.name}/{name}",
+                rows=count,
+                train=per_split.get("train", 0),
+                test=per_split.get("test", 0),
+                test_fraction=self.case.spec.test_fraction,
+                split_seed=self.case.spec.split_seed,
             )
             commits = [
                 r[0]
