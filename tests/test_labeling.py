@@ -2,6 +2,7 @@
 become tasks, annotations come back into the label store, snapshots freeze them."""
 
 import gzip
+import json
 import shutil
 import struct
 import time
@@ -14,7 +15,7 @@ from pipelines.core.errors import CDLError
 from pipelines.data import bbc
 from pipelines.data.engine import PipelineEngine
 from pipelines.data.label_studio import LabelStudioClient, LabelStudioServer
-from pipelines.data.labeling import Labeling, use_case, webhook_spec
+from pipelines.data.labeling import Labeling, read_predictions, use_case, webhook_spec
 from pipelines.data.repos import DataRepos, Ref
 from tests.conftest import REPO, cdl, destroy, make_project, stack_for
 
@@ -297,3 +298,44 @@ def test_commands_without_label_studio(project_factory):
     assert result.returncode == 1
     assert "Label Studio is not running" in result.stderr
     assert "cdl stack up --with label-studio" in result.stderr
+
+
+def test_predictions_become_pre_annotations(lab, tmp_path):
+    stack, labeling, corpus = lab
+    repos = DataRepos(stack)
+    labeling.sync()
+    extra = tmp_path / "more" / "sport"
+    extra.mkdir(parents=True)
+    shutil.copyfile(corpus / "sport" / "002.txt", extra / "700.txt")
+    (extra / "700.txt").write_text((extra / "700.txt").read_text() + "Extra time was played.\n")
+    repos.put(Ref.parse("bbc-raw"), [tmp_path / "more"])
+    PipelineEngine(stack).run_pending()
+    with stack.connect() as conn:
+        known = {r[0] for r in conn.execute("SELECT path FROM label_tasks")}
+    [new_path] = [
+        e.path for e in repos.files(repos.resolve("bbc-validate"), "/valid") if e.path not in known
+    ]
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text(
+        json.dumps({"path": new_path, "label": "sport", "score": 0.87, "model": "bbc/3"}) + "\n"
+    )
+    result = cdl(
+        "label", "sync", "bbc_news", "--predictions", str(predictions), cwd=stack.settings.root
+    )
+    assert result.returncode == 0, result.stderr
+    assert "imported 1 new task(s)" in result.stdout
+    with stack.connect() as conn:
+        task_id = conn.execute(
+            "SELECT task_id FROM label_tasks WHERE path = %s", [new_path]
+        ).fetchone()[0]
+    task = labeling.client.request("GET", f"/api/tasks/{task_id}")
+    [prediction] = task["predictions"]
+    assert prediction["model_version"] == "bbc/3" and prediction["score"] == 0.87
+    assert prediction["result"][0]["value"]["choices"] == ["sport"]
+
+    predictions.write_text('{"path": "/valid/x.txt", "label": "weather"}\n{not json\n')
+    with pytest.raises(CDLError, match="predictions.jsonl line 2: not a prediction"):
+        read_predictions(predictions)
+    predictions.write_text(json.dumps({"path": new_path, "label": "weather"}) + "\n")
+    with pytest.raises(CDLError, match="label 'weather' is not in the labeling config"):
+        labeling._prediction(read_predictions(predictions), new_path)

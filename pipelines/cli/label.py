@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -12,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress
 from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console
-from pipelines.data.labeling import Labeling, serve_webhooks, use_case
+from pipelines.data.labeling import Labeling, read_predictions, serve_webhooks, use_case
 
 app = typer.Typer(
     help="Label validated data in Label Studio and keep the labels in Postgres. USE_CASE is a "
@@ -38,9 +39,16 @@ def sync(
     ref: Optional[str] = typer.Option(
         None, help="Commit to import from (default: the head of the use case's validated repo)."
     ),
+    predictions: Optional[Path] = typer.Option(
+        None,
+        exists=True,
+        dir_okay=False,
+        help='Pre-annotations for new tasks: JSON lines {"path", "label", "score", "model"}.',
+    ),
 ) -> None:
     """Create or update the use case's Label Studio project and import a task for every
-    validated file that has none yet (each task keeps repo@commit:path in its meta)."""
+    validated file that has none yet (each task keeps repo@commit:path in its meta),
+    optionally with a model's predictions as pre-annotations."""
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -50,7 +58,9 @@ def sync(
     ) as bar:
         task = bar.add_task(f"importing {name} tasks", total=None)
         new, known = labeling(ctx, name).sync(
-            ref, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            ref,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            predictions=read_predictions(predictions) if predictions else None,
         )
     console.print(f"{name}: imported {new} new task(s); {known} file(s) already had one")
 

@@ -95,6 +95,34 @@ def use_case(name: str, root: Path = USE_CASES) -> UseCase:
     return UseCase(name, folder, spec)
 
 
+def read_predictions(path: Path) -> dict[str, dict]:
+    """Predictions as JSON lines: {"path": "/valid/tech/x.txt", "label": "tech", "score": 0.93,
+    "model": "bbc/3"}, one per file; a line that does not parse is an error naming it."""
+    found = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CDLError(
+            f"cannot read predictions {path}: {exc}", "give a UTF-8 JSON-lines file"
+        ) from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            found[item["path"]] = {
+                "label": item["label"],
+                "score": item.get("score", 0.0),
+                "model": item.get("model", "unknown"),
+            }
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CDLError(
+                f"{path} line {number}: not a prediction ({exc})",
+                'write {"path": ..., "label": ..., "score": ...} per line',
+            ) from exc
+    return found
+
+
 def class_of(path: str, root: str) -> str:
     """The class folder of a file: the first folder below the source path."""
     return path[len(root.rstrip("/")) :].strip("/").split("/")[0]
@@ -159,6 +187,32 @@ class Labeling:
 
     # -- sync ----------------------------------------------------------------------------
 
+    def _prediction(self, predictions: dict[str, dict] | None, path: str) -> list[dict]:
+        """A model's answer for a file, in Label Studio's prediction form (a pre-annotation)."""
+        found = (predictions or {}).get(path)
+        if not found:
+            return []
+        if found["label"] not in self.case.labels:
+            raise CDLError(
+                f"prediction for {path}: label '{found['label']}' is not in the labeling config",
+                "predict one of " + ", ".join(self.case.labels),
+            )
+        to_name = "image" if self.case.spec.task == "image" else "text"
+        return [
+            {
+                "model_version": str(found.get("model", "unknown")),
+                "score": float(found.get("score", 0.0)),
+                "result": [
+                    {
+                        "from_name": self.case.spec.choices,
+                        "to_name": to_name,
+                        "type": "choices",
+                        "value": {"choices": [found["label"]]},
+                    }
+                ],
+            }
+        ]
+
     def _task_data(self, commit: Commit, entry) -> dict:
         data = b"".join(self.repos.store.read_chunks(entry.sha256))
         if self.case.spec.task == "image":
@@ -168,9 +222,13 @@ class Labeling:
         return {"title": title.strip(), "text": body.strip()}
 
     def sync(
-        self, ref: str | None = None, progress: Callable[[int, int], None] | None = None
+        self,
+        ref: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        predictions: dict[str, dict] | None = None,
     ) -> tuple[int, int]:
-        """Import the source commit's files that have no task yet; return (new, already)."""
+        """Import the source commit's files that have no task yet; return (new, already).
+        `predictions` ({path: {"label", "score", "model"}}) become pre-annotations."""
         source = self.case.spec.source
         project_id = self.project()
         self._register_webhook(project_id)
@@ -198,6 +256,7 @@ class Labeling:
                 {
                     "data": self._task_data(commit, e),
                     "meta": {"source": f"{commit.ref}:{e.path}", "sha256": e.sha256},
+                    "predictions": self._prediction(predictions, e.path),
                 }
                 for e in batch
             ]
