@@ -11,7 +11,9 @@ from pipelines.cli.context import cli_context, console
 from pipelines.core.postgres import mask_password
 
 app = typer.Typer(
-    help="Inspect the configuration (cdl.yaml and CDL_* overrides).", no_args_is_help=True
+    rich_markup_mode=None,
+    help="Inspect the configuration (cdl.yaml and CDL_* overrides).",
+    no_args_is_help=True,
 )
 
 

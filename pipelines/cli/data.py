@@ -23,12 +23,15 @@ from pipelines.data.repos import Commit, DataRepos, Ref
 from pipelines.data.spec import load_spec
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="Versioned data: repos, branches and immutable commits of files (Pachyderm semantics). "
     "Refs are REPO, REPO@BRANCH or REPO@COMMIT (6+ hex digits), with ^ for a parent and "
     ":PATH for a file or folder, e.g. images@master^:/train.",
     no_args_is_help=True,
 )
-repo_app = typer.Typer(help="Create, list and delete repos.", no_args_is_help=True)
+repo_app = typer.Typer(
+    rich_markup_mode=None, help="Create, list and delete repos.", no_args_is_help=True
+)
 app.add_typer(repo_app, name="repo")
 
 
@@ -337,12 +340,15 @@ def clean(ctx: typer.Context, repo: str = typer.Argument(..., help="The repo."))
 # -- pipelines and jobs --------------------------------------------------------------------
 
 pipeline_app = typer.Typer(
+    rich_markup_mode=None,
     help="Pipelines in the Pachyderm pipeline-spec format (JSON or YAML), run by the local "
     "engine: each commit on an input branch triggers a job.",
     no_args_is_help=True,
 )
 job_app = typer.Typer(
-    help="Jobs: one run of a pipeline over one set of input commits.", no_args_is_help=True
+    rich_markup_mode=None,
+    help="Jobs: one run of a pipeline over one set of input commits.",
+    no_args_is_help=True,
 )
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(job_app, name="job")
@@ -489,7 +495,7 @@ def job_list(
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Only this pipeline."),
     limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many jobs."),
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first, with their datum counts, output commit and error."""
     print_jobs(engine(ctx).jobs(pipeline, limit))
 
 
@@ -598,7 +604,9 @@ def stats(
 
 
 generate_app = typer.Typer(
-    help="Write datasets for tests and demos, in real raw formats.", no_args_is_help=True
+    rich_markup_mode=None,
+    help="Write datasets for tests and demos, in real raw formats.",
+    no_args_is_help=True,
 )
 app.add_typer(generate_app, name="generate")
 

@@ -13,7 +13,9 @@ from pipelines.core import events
 from pipelines.core.errors import CDLError
 
 app = typer.Typer(
-    help="The event log: what the pipelines did, and who is told about it.", no_args_is_help=True
+    rich_markup_mode=None,
+    help="The event log: what the pipelines did, and who is told about it.",
+    no_args_is_help=True,
 )
 
 TYPE_HELP = "Only events whose type matches this glob (repeatable), e.g. 'model.*'."

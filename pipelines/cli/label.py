@@ -16,12 +16,15 @@ from pipelines.cli.context import cli_context, console, err_console
 from pipelines.data.labeling import Labeling, read_predictions, serve_webhooks, use_case
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="Label validated data in Label Studio and keep the labels in Postgres. USE_CASE is a "
     "folder of use_cases/ with a labeling.yaml (bbc_news, fashion_mnist).",
     no_args_is_help=True,
 )
 snapshot_app = typer.Typer(
-    help="Immutable, named sets of labels that training reads.", no_args_is_help=True
+    rich_markup_mode=None,
+    help="Immutable, named sets of labels that training reads.",
+    no_args_is_help=True,
 )
 app.add_typer(snapshot_app, name="snapshot")
 

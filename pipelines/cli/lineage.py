@@ -11,6 +11,7 @@ from pipelines.cli.context import cli_context, console
 from pipelines.core import lineage
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="Follow lineage between dataset commits, label snapshots, runs, models, "
     "deployments and predictions.",
     no_args_is_help=True,

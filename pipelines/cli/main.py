@@ -20,6 +20,7 @@ from pipelines.cli.context import CLIContext, err_console
 from pipelines.core.errors import CDLError
 
 app = typer.Typer(
+    rich_markup_mode=None,
     name="cdl",
     help="CDL: continuous deep learning. Data, model and deployment pipelines as code, "
     "on an embedded local stack or on Pachyderm, Determined and Kubernetes.",

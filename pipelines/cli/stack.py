@@ -15,6 +15,7 @@ from pipelines.data.label_studio import LabelStudioServer
 from pipelines.data.labeling import webhook_spec
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="Start, stop and inspect the stack (Postgres and the platform services).",
     no_args_is_help=True,
 )
