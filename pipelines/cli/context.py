@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,3 +42,16 @@ class CLIContext:
 
 def cli_context(ctx: typer.Context) -> CLIContext:
     return ctx.find_root().obj
+
+
+def stop_on_signal() -> threading.Event:
+    """An event set by SIGTERM (the supervisor stopping a service) or SIGINT (Ctrl-C)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def say(line: str) -> None:
+    """A timestamped line for a long-running command's log."""
+    console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", highlight=False)

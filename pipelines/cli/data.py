@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,7 +11,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from pipelines.cli.context import cli_context, console, err_console
+from pipelines.cli.context import cli_context, console, err_console, say, stop_on_signal
 from pipelines.core.errors import CDLError
 from pipelines.data import bbc, fashion, formats
 from pipelines.data.engine import PipelineEngine
@@ -533,15 +530,8 @@ def job_logs(
 def worker(ctx: typer.Context) -> None:
     """Run pipeline jobs as commits arrive. `cdl stack up` runs this in the background as the
     'pipelines' service; run it here to watch."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-
-    def say(line: str) -> None:
-        console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", highlight=False)
-
     say("running pipeline jobs as commits arrive")
-    engine(ctx).serve(stop, say)
+    engine(ctx).serve(stop_on_signal(), say)
 
 
 @app.command()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
 from typing import List, Optional
 
 import typer
 
-from pipelines.cli.context import cli_context, console
+from pipelines.cli.context import cli_context, console, stop_on_signal
 from pipelines.core import events
 from pipelines.core.errors import CDLError
 
@@ -109,6 +108,5 @@ def dispatch(
         handled = dispatcher.run_once()
         console.print(f"handled {handled} event deliveries")
         return
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: dispatcher.stop_event.set())
+    dispatcher.stop_event = stop_on_signal()
     dispatcher.serve()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress
 from rich.table import Table
 
-from pipelines.cli.context import cli_context, console, err_console
+from pipelines.cli.context import cli_context, console, err_console, say, stop_on_signal
 from pipelines.data.labeling import Labeling, read_predictions, serve_webhooks, use_case
 
 app = typer.Typer(
@@ -137,11 +134,4 @@ def webhooks(
     """Receive Label Studio's annotation webhooks and run an incremental export of the use case
     they concern. `cdl stack up --with label-studio` runs this as the 'label-webhooks' service,
     and `cdl label sync` points the project's webhooks at it."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-
-    def say(line: str) -> None:
-        console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", highlight=False)
-
-    serve_webhooks(cli_context(ctx).stack, port, stop, say)
+    serve_webhooks(cli_context(ctx).stack, port, stop_on_signal(), say)
