@@ -26,7 +26,25 @@ class ObjectMissing(Exception):
     pass
 
 
-class LocalObjectStore:
+class _ObjectStore:
+    """What both stores share: small files are read in one go, large ones by the store's own
+    streaming path; objects are read back in chunks."""
+
+    def put_file(self, source: Path) -> tuple[str, int]:
+        """Store a file's bytes; return (sha256, size). Raises OSError if it cannot be read."""
+        with open(source, "rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            if size < SMALL:
+                return self.put_bytes(src.read())
+            return self._put_large(source, src, size)
+
+    def read_chunks(self, sha256: str) -> Iterator[bytes]:
+        with self.open(sha256) as src:
+            while chunk := src.read(CHUNK):
+                yield chunk
+
+
+class LocalObjectStore(_ObjectStore):
     def __init__(self, root: Path):
         self.root = root
         self.objects = root / "objects"
@@ -60,13 +78,8 @@ class LocalObjectStore:
             os.replace(tmp_path, target)  # identical bytes: a concurrent writer's copy is equal
         return sha256, len(data)
 
-    def put_file(self, source: Path) -> tuple[str, int]:
-        """Store a file's bytes; return (sha256, size). Raises OSError if it cannot be read."""
-        with open(source, "rb") as src:
-            size = os.fstat(src.fileno()).st_size
-            if size < SMALL:
-                return self.put_bytes(src.read())
-            return self.put_stream(src)
+    def _put_large(self, source: Path, src: BinaryIO, size: int) -> tuple[str, int]:
+        return self.put_stream(src)
 
     def put_stream(self, src: BinaryIO) -> tuple[str, int]:
         self.objects.mkdir(parents=True, exist_ok=True)
@@ -92,11 +105,6 @@ class LocalObjectStore:
         except FileNotFoundError as exc:
             raise ObjectMissing(sha256) from exc
 
-    def read_chunks(self, sha256: str) -> Iterator[bytes]:
-        with self.open(sha256) as src:
-            while chunk := src.read(CHUNK):
-                yield chunk
-
     def materialize(self, sha256: str, target: Path) -> None:
         """Write the object's bytes to `target`. A copy, not a link: a transform that wrote to
         its input would otherwise change the stored object for every commit sharing it."""
@@ -107,7 +115,7 @@ class LocalObjectStore:
         shutil.copyfile(source, target)
 
 
-class S3ObjectStore:
+class S3ObjectStore(_ObjectStore):
     """The same store in an S3 bucket (AWS, MinIO, any S3 endpoint): keys `PREFIX/ab/cdef...`.
 
     Credentials come from the usual AWS environment or config files, never from cdl.yaml. An
@@ -148,7 +156,7 @@ class S3ObjectStore:
             self.client.head_object(Bucket=self.bucket, Key=self.key(sha256))
             return True
         except self._errors as exc:
-            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            if _not_found(exc):
                 return False
             raise self._fail("HEAD", exc) from exc
 
@@ -161,14 +169,10 @@ class S3ObjectStore:
                 raise self._fail("PUT", exc) from exc
         return sha256, len(data)
 
-    def put_file(self, source: Path) -> tuple[str, int]:
-        with open(source, "rb") as src:
-            size = os.fstat(src.fileno()).st_size
-            if size < SMALL:
-                return self.put_bytes(src.read())
-            digest = hashlib.sha256()
-            while chunk := src.read(CHUNK):
-                digest.update(chunk)
+    def _put_large(self, source: Path, src: BinaryIO, size: int) -> tuple[str, int]:
+        digest = hashlib.sha256()
+        while chunk := src.read(CHUNK):
+            digest.update(chunk)
         sha256 = digest.hexdigest()
         if not self.has(sha256):
             try:
@@ -187,20 +191,19 @@ class S3ObjectStore:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self.key(sha256))["Body"]
         except self._errors as exc:
-            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            if _not_found(exc):
                 raise ObjectMissing(sha256) from exc
             raise self._fail("GET", exc) from exc
         return _Closing(body)
-
-    def read_chunks(self, sha256: str) -> Iterator[bytes]:
-        with self.open(sha256) as src:
-            while chunk := src.read(CHUNK):
-                yield chunk
 
     def materialize(self, sha256: str, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with self.open(sha256) as src, open(target, "wb") as out:
             shutil.copyfileobj(src, out, CHUNK)
+
+
+def _not_found(exc: Exception) -> bool:
+    return getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey")
 
 
 class _Closing:
