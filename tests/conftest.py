@@ -107,3 +107,37 @@ def cdl(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120):
         text=True,
         timeout=timeout,
     )
+
+
+MODEL_CODE = REPO / "tests" / "models"
+
+
+def register_model(
+    stack: Stack,
+    name: str,
+    code: str,
+    *,
+    alias: str | None = None,
+    artifacts: dict | None = None,
+    model_config: dict | None = None,
+) -> str:
+    """Log the models-from-code file tests/models/<code>.py as a new version of registered model
+    `name` (the alias moved to it, when given); return the version."""
+    import mlflow
+
+    from pipelines.model import tracking
+
+    client = tracking.client(stack)
+    with mlflow.start_run(experiment_id=tracking.experiment_id(stack, name)):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODEL_CODE / f"{code}.py"),
+            artifacts=artifacts,
+            model_config=model_config,
+            pip_requirements=["mlflow", "numpy", "pandas"],
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return version

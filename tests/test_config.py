@@ -171,3 +171,34 @@ def test_s3_object_store_needs_a_bucket(tmp_path):
         load_settings(path, environ={})
     settings = load_settings(path, environ={"CDL_OBJECT_STORE__BUCKET": "team-data"})
     assert settings.stack.object_store.bucket == "team-data"
+
+
+def test_tracking_defaults_to_the_stack_and_resolves_artifact_folders(tmp_path):
+    settings = load_settings(write(tmp_path, {"stacks": {"local": {"home": "state"}}}), environ={})
+    assert settings.stack.tracking.uri is None
+    assert settings.stack.tracking.artifacts == str(tmp_path / "state" / "artifacts")
+    relative = {"stacks": {"local": {"tracking": {"artifacts": "runs"}}}}
+    settings = load_settings(write(tmp_path, relative), environ={})
+    assert settings.stack.tracking.artifacts == str(tmp_path / "runs")
+    server = load_settings(
+        write(tmp_path, {"stacks": {"local": {}}}),
+        environ={
+            "CDL_TRACKING__URI": "http://mlflow:5000",
+            "CDL_TRACKING__ARTIFACTS": "s3://models/mlflow",
+        },
+    )
+    assert server.stack.tracking.uri == "http://mlflow:5000"
+    assert server.stack.tracking.artifacts == "s3://models/mlflow"
+    default_server = load_settings(
+        write(tmp_path, {"stacks": {"local": {"tracking": {"uri": "http://mlflow:5000"}}}}),
+        environ={},
+    )
+    assert default_server.stack.tracking.artifacts is None  # the server's own default
+
+
+def test_config_show_masks_tracking_credentials(tmp_path):
+    write(tmp_path, {"stacks": {"local": {"tracking": {"uri": "http://ci:s3cret@mlflow:5000"}}}})
+    shown = cdl("config", "show", "--json", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "s3cret" not in shown.stdout
+    assert json.loads(shown.stdout)["settings"]["tracking"]["uri"] == "http://ci:***@mlflow:5000"

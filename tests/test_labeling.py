@@ -15,7 +15,7 @@ from pipelines.core.errors import CDLError
 from pipelines.data import bbc
 from pipelines.data.engine import PipelineEngine
 from pipelines.data.label_studio import LabelStudioClient, LabelStudioServer
-from pipelines.data.labeling import Labeling, read_predictions, use_case, webhook_spec
+from pipelines.data.labeling import Labeling, file_predictor, use_case, webhook_spec
 from pipelines.data.repos import DataRepos, Ref
 from tests.conftest import REPO, cdl, destroy, make_project, stack_for
 
@@ -335,7 +335,100 @@ def test_predictions_become_pre_annotations(lab, tmp_path):
 
     predictions.write_text('{"path": "/valid/x.txt", "label": "weather"}\n{not json\n')
     with pytest.raises(CDLError, match="predictions.jsonl line 2: not a prediction"):
-        read_predictions(predictions)
+        file_predictor(predictions)
     predictions.write_text(json.dumps({"path": new_path, "label": "weather"}) + "\n")
+    found = file_predictor(predictions)([(new_path, b"")])
     with pytest.raises(CDLError, match="label 'weather' is not in the labeling config"):
-        labeling._prediction(read_predictions(predictions), new_path)
+        labeling._prediction(new_path, found[new_path])
+
+
+def fresh_articles(tmp_path, seed: int, docs: int):
+    """Clean generated articles under names no earlier file of bbc-raw has."""
+    generated = tmp_path / f"generated-{seed}"
+    bbc.generate(generated, docs=docs, seed=seed, dirty=False)
+    out = tmp_path / f"fresh-{seed}"
+    for article in generated.rglob("*.txt"):
+        target = out / article.parent.name / f"s{seed}-{article.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        article.rename(target)
+    return out
+
+
+def test_champion_model_pre_annotates_new_tasks(lab, tmp_path):
+    import pandas as pd
+
+    from pipelines.model.registry import CHAMPION
+    from tests.conftest import register_model
+    from tests.models import nearest_centroid
+
+    stack, labeling, _ = lab
+    repos, folder = DataRepos(stack), stack.settings.root
+
+    def add_and_sync(articles, *flags):
+        repos.put(Ref.parse("bbc-raw"), [articles])
+        PipelineEngine(stack).run_pending()
+        with stack.connect() as conn:
+            before = {r[0] for r in conn.execute("SELECT task_id FROM label_tasks")}
+        result = cdl("label", "sync", "bbc_news", *flags, cwd=folder)
+        with stack.connect() as conn:
+            new = conn.execute(
+                "SELECT task_id, path FROM label_tasks WHERE NOT task_id = ANY(%s)", [list(before)]
+            ).fetchall()
+        return result, new
+
+    # No champion yet: the tasks come in without pre-annotations, and the output says so.
+    result, new = add_and_sync(fresh_articles(tmp_path, seed=21, docs=5), "--pre-annotate")
+    assert result.returncode == 0, result.stderr
+    assert "no 'champion' version of model bbc-news yet" in result.stderr
+    assert new and all(
+        not labeling.client.request("GET", f"/api/tasks/{task_id}")["predictions"]
+        for task_id, _ in new
+    )
+
+    # A real (small) model trained on the snapshot's train labels becomes the champion.
+    labeling.auto_annotate()
+    labeling.export()
+    labeling.snapshot("champion-training")
+    texts, labels = [], []
+    for row in labeling.snapshot_rows("champion-training", "train"):
+        ref = Ref.parse(row["source"])
+        [entry] = repos.files(repos.resolve(ref), ref.path)
+        texts.append(b"".join(repos.store.read_chunks(entry.sha256)).decode())
+        labels.append(row["label"])
+    fitted = nearest_centroid.fit(pd.DataFrame({"text": texts}), labels, tmp_path / "fit.json")
+    version = register_model(
+        stack, "bbc-news", "nearest_centroid", alias=CHAMPION, artifacts={"centroids": str(fitted)}
+    )
+
+    result, new = add_and_sync(fresh_articles(tmp_path, seed=22, docs=20), "--pre-annotate")
+    assert result.returncode == 0, result.stderr
+    assert f"pre-annotated from bbc-news/{version} (champion)" in result.stdout
+    assert len(new) == 20
+    right = 0
+    for task_id, path in new:
+        [prediction] = labeling.client.request("GET", f"/api/tasks/{task_id}")["predictions"]
+        assert prediction["model_version"] == f"bbc-news/{version}"
+        assert 0 < prediction["score"] <= 1
+        [choice] = prediction["result"][0]["value"]["choices"]
+        right += choice == path.split("/")[2]  # /valid/<class>/<file>
+    assert right >= 16  # the model has learned the topics, not guessed
+
+    # A champion that answers outside the labeling config stops the sync before any import.
+    register_model(
+        stack,
+        "bbc-news",
+        "contract",
+        alias=CHAMPION,
+        model_config={"behaviour": "constant", "label": "weather"},
+    )
+    articles = fresh_articles(tmp_path, seed=23, docs=5)
+    result, new = add_and_sync(articles, "--pre-annotate")
+    assert result.returncode == 1
+    assert "label 'weather' is not in the labeling config" in result.stderr
+    assert f"bbc-news/{int(version) + 1}" in result.stderr and new == []
+    both = cdl(
+        "label", "sync", "bbc_news", "--pre-annotate", "--predictions", str(fitted), cwd=folder
+    )
+    assert both.returncode == 1 and "choose one of them" in both.stderr
+    result, new = add_and_sync(articles)  # without pre-annotations the same files import
+    assert result.returncode == 0 and len(new) == 5

@@ -26,8 +26,9 @@ def show(
     environment overrides applied and paths resolved. Passwords in DSNs are masked."""
     settings = cli_context(ctx).settings
     stack = settings.stack.model_dump(mode="json")
-    if stack["postgres"]["dsn"]:
-        stack["postgres"]["dsn"] = mask_password(stack["postgres"]["dsn"])
+    for section, field in (("postgres", "dsn"), ("tracking", "uri")):
+        if stack[section][field]:
+            stack[section][field] = mask_password(stack[section][field])
     document = {
         "config_file": str(settings.config_path) if settings.config_path else None,
         "stack": settings.stack_name,

@@ -10,7 +10,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress
 from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console, say, stop_on_signal
-from pipelines.data.labeling import Labeling, read_predictions, serve_webhooks, use_case
+from pipelines.core.errors import CDLError
+from pipelines.data.labeling import (
+    Labeling,
+    file_predictor,
+    model_predictor,
+    serve_webhooks,
+    use_case,
+)
+from pipelines.model.registry import CHAMPION, registered_name
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -39,16 +47,45 @@ def sync(
     ref: Optional[str] = typer.Option(
         None, help="Commit to import from (default: the head of the use case's validated repo)."
     ),
+    pre_annotate: bool = typer.Option(
+        False,
+        "--pre-annotate",
+        help="Pre-annotate new tasks with the predictions of the use case's champion: the "
+        "version with alias 'champion' of the MLflow registered model named after the use case "
+        "(bbc_news: bbc-news). Without a champion yet, tasks are imported without "
+        "pre-annotations, and the output says so.",
+    ),
     predictions: Optional[Path] = typer.Option(
         None,
         exists=True,
         dir_okay=False,
-        help='Pre-annotations for new tasks: JSON lines {"path", "label", "score", "model"}.',
+        help='Pre-annotations for new tasks from a file: JSON lines {"path", "label", "score", '
+        '"model"}.',
     ),
 ) -> None:
     """Create or update the use case's Label Studio project and import a task for every
     validated file that has none yet (each task keeps repo@commit:path in its meta),
     optionally with a model's predictions as pre-annotations."""
+    if pre_annotate and predictions:
+        raise CDLError(
+            "--pre-annotate and --predictions both give pre-annotations", "choose one of them"
+        )
+    stack = cli_context(ctx).stack
+    case = use_case(name)
+    predict, source = None, ""
+    if predictions:
+        predict, source = file_predictor(predictions), f" from {predictions}"
+    elif pre_annotate:
+        found = model_predictor(stack, case, CHAMPION)
+        if found:
+            predict, model = found
+            source = f" from {model} ({CHAMPION})"
+        else:
+            err_console.print(
+                f"no '{CHAMPION}' version of model {registered_name(name)} yet: importing "
+                "without pre-annotations",
+                highlight=False,
+            )
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -57,12 +94,16 @@ def sync(
         transient=True,
     ) as bar:
         task = bar.add_task(f"importing {name} tasks", total=None)
-        new, known = labeling(ctx, name).sync(
+        new, known = Labeling(stack, case).sync(
             ref,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
-            predictions=read_predictions(predictions) if predictions else None,
+            predict=predict,
         )
-    console.print(f"{name}: imported {new} new task(s); {known} file(s) already had one")
+    pre = f", pre-annotated{source}" if predict and new else ""
+    console.print(
+        f"{name}: imported {new} new task(s){pre}; {known} file(s) already had one",
+        highlight=False,
+    )
 
 
 @app.command()

@@ -115,11 +115,27 @@ class DataConfig(_Strict):
     pachd_address: str = Field("grpc://localhost:30650", description="with engine: pachyderm")
 
 
+class TrackingConfig(_Strict):
+    """MLflow: experiment tracking and the model registry."""
+
+    uri: str | None = Field(
+        None,
+        description="an MLflow tracking server, e.g. http://mlflow:5000; default: the stack's "
+        "'mlflow' Postgres database",
+    )
+    artifacts: str | None = Field(
+        None,
+        description="where new experiments keep their artifacts: a folder or an s3:// URI; "
+        "default <home>/artifacts (with a tracking server: the server's default)",
+    )
+
+
 class StackConfig(_Strict):
     home: Path = Field(Path(".cdl"), description="where the stack keeps its state, logs and venvs")
     postgres: PostgresConfig = PostgresConfig()
     object_store: ObjectStoreConfig = ObjectStoreConfig()
     data: DataConfig = DataConfig()
+    tracking: TrackingConfig = TrackingConfig()
     events: EventsConfig = EventsConfig()
 
 
@@ -294,12 +310,18 @@ def load_settings(
 
     home = absolute(stack_config.home)
     objects = stack_config.object_store.path
+    artifacts = stack_config.tracking.artifacts
+    if artifacts and "://" not in artifacts:
+        artifacts = str(absolute(Path(artifacts)))
+    elif not artifacts and not stack_config.tracking.uri:
+        artifacts = str(home / "artifacts")
     stack_config = stack_config.model_copy(
         update={
             "home": home,
             "object_store": stack_config.object_store.model_copy(
                 update={"path": absolute(objects) if objects else home / "objects"}
             ),
+            "tracking": stack_config.tracking.model_copy(update={"artifacts": artifacts}),
         }
     )
     return Settings(

@@ -95,9 +95,15 @@ def use_case(name: str, root: Path = USE_CASES) -> UseCase:
     return UseCase(name, folder, spec)
 
 
-def read_predictions(path: Path) -> dict[str, dict]:
-    """Predictions as JSON lines: {"path": "/valid/tech/x.txt", "label": "tech", "score": 0.93,
-    "model": "bbc/3"}, one per file; a line that does not parse is an error naming it."""
+# Pre-annotations: given new files as (path, bytes), a model's answers by path:
+# {path: {"label": ..., "score": ..., "model": ...}}; files it has no answer for get none.
+Predictor = Callable[[list[tuple[str, bytes]]], dict[str, dict]]
+
+
+def file_predictor(path: Path) -> Predictor:
+    """Predictions written by a model elsewhere, as JSON lines: {"path": "/valid/tech/x.txt",
+    "label": "tech", "score": 0.93, "model": "bbc-news/3"}, one per file; a line that does not
+    parse is an error naming it."""
     found = {}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -120,7 +126,26 @@ def read_predictions(path: Path) -> dict[str, dict]:
                 f"{path} line {number}: not a prediction ({exc})",
                 'write {"path": ..., "label": ..., "score": ...} per line',
             ) from exc
-    return found
+    return lambda items: {p: found[p] for p, _ in items if p in found}
+
+
+def model_predictor(stack: Stack, case: UseCase, alias: str) -> tuple[Predictor, str] | None:
+    """The predictions of the use case's registered model version that carries `alias` (e.g.
+    the champion), and that version's name/version; None when no version carries it."""
+    from pipelines.model.registry import Registry, registered_name
+
+    model = Registry(stack).load(registered_name(case.name), alias)
+    if model is None:
+        return None
+
+    def predict(items: list[tuple[str, bytes]]) -> dict[str, dict]:
+        answers = model.predict(case.spec.task, [data for _, data in items])
+        return {
+            path: {"label": label, "score": score, "model": model.ref}
+            for (path, _), (label, score) in zip(items, answers, strict=True)
+        }
+
+    return predict, model.ref
 
 
 def class_of(path: str, root: str) -> str:
@@ -187,14 +212,14 @@ class Labeling:
 
     # -- sync ----------------------------------------------------------------------------
 
-    def _prediction(self, predictions: dict[str, dict] | None, path: str) -> list[dict]:
+    def _prediction(self, path: str, found: dict | None) -> list[dict]:
         """A model's answer for a file, in Label Studio's prediction form (a pre-annotation)."""
-        found = (predictions or {}).get(path)
         if not found:
             return []
         if found["label"] not in self.case.labels:
             raise CDLError(
-                f"prediction for {path}: label '{found['label']}' is not in the labeling config",
+                f"prediction of {found.get('model', 'unknown')} for {path}: label "
+                f"'{found['label']}' is not in the labeling config",
                 "predict one of " + ", ".join(self.case.labels),
             )
         to_name = "image" if self.case.spec.task == "image" else "text"
@@ -213,8 +238,7 @@ class Labeling:
             }
         ]
 
-    def _task_data(self, commit: Commit, entry) -> dict:
-        data = b"".join(self.repos.store.read_chunks(entry.sha256))
+    def _task_data(self, data: bytes) -> dict:
         if self.case.spec.task == "image":
             return {"image": "data:image/png;base64," + base64.b64encode(data).decode()}
         text = data.decode("utf-8", errors="replace")
@@ -225,10 +249,10 @@ class Labeling:
         self,
         ref: str | None = None,
         progress: Callable[[int, int], None] | None = None,
-        predictions: dict[str, dict] | None = None,
+        predict: Predictor | None = None,
     ) -> tuple[int, int]:
         """Import the source commit's files that have no task yet; return (new, already).
-        `predictions` ({path: {"label", "score", "model"}}) become pre-annotations."""
+        `predict`'s answers for the new files become their pre-annotations."""
         source = self.case.spec.source
         project_id = self.project()
         self._register_webhook(project_id)
@@ -252,13 +276,17 @@ class Labeling:
         new = [e for e in entries if (e.path, e.sha256) not in known]
         for start in range(0, len(new), IMPORT_BATCH):
             batch = new[start : start + IMPORT_BATCH]
+            blobs = [b"".join(self.repos.store.read_chunks(e.sha256)) for e in batch]
+            answers = (
+                predict([(e.path, b) for e, b in zip(batch, blobs, strict=True)]) if predict else {}
+            )
             tasks = [
                 {
-                    "data": self._task_data(commit, e),
+                    "data": self._task_data(data),
                     "meta": {"source": f"{commit.ref}:{e.path}", "sha256": e.sha256},
-                    "predictions": self._prediction(predictions, e.path),
+                    "predictions": self._prediction(e.path, answers.get(e.path)),
                 }
-                for e in batch
+                for e, data in zip(batch, blobs, strict=True)
             ]
             reply = self.client.request(
                 "POST",
