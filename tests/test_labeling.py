@@ -4,7 +4,10 @@ become tasks, annotations come back into the label store, snapshots freeze them.
 import gzip
 import json
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import time
 
 import psycopg
@@ -15,7 +18,13 @@ from pipelines.core.errors import CDLError
 from pipelines.data import bbc
 from pipelines.data.engine import PipelineEngine
 from pipelines.data.label_studio import LabelStudioClient, LabelStudioServer
-from pipelines.data.labeling import Labeling, file_predictor, use_case, webhook_spec
+from pipelines.data.labeling import (
+    WEBHOOK_SERVICE,
+    Labeling,
+    file_predictor,
+    use_case,
+    webhook_spec,
+)
 from pipelines.data.repos import DataRepos, Ref
 from tests.conftest import REPO, cdl, destroy, make_project, stack_for
 
@@ -64,6 +73,11 @@ def test_sync_auto_export_snapshot(lab, tmp_path):
     assert labeling.export().loaded == 0  # nothing new: nothing loaded twice
     rows = label_rows(stack, "split", "label", "labeler", "source", "version")
     assert len(rows) == len(valid)
+    with stack.connect() as conn:  # a table per use case and split
+        for split in ("train", "test"):
+            assert {
+                r[0] for r in conn.execute(f"SELECT split FROM label_rows_bbc_news_{split}")
+            } == {split}
     assert {r[2] for r in rows} == {"admin@cdl.local"}
     assert all(r[4] == 1 for r in rows)
     for label in bbc.CLASSES:  # stratified: about a fifth of each class is held out
@@ -213,6 +227,55 @@ def test_export_is_all_or_nothing(lab, monkeypatch):
     assert labeling.export().loaded > 0
 
 
+def test_export_killed_halfway_loads_nothing(lab):
+    """A `cdl label export` SIGKILLed while its load is inside the database leaves no rows and
+    no splits behind; the next export loads everything."""
+    stack, labeling, _ = lab
+    labeling.sync()
+    labeling.auto_annotate()
+    stack.supervisor.stop(WEBHOOK_SERVICE)  # no incremental export may run meanwhile
+    try:
+        labeling.export()
+        with stack.connect() as conn:
+            conn.execute("DELETE FROM label_rows WHERE use_case = 'bbc_news' AND version > 0")
+            conn.execute("DELETE FROM label_splits WHERE use_case = 'bbc_news'")
+            conn.commit()
+        with stack.connect() as blocker:
+            # The export's insert into the train table waits here, its transaction open.
+            blocker.execute("LOCK TABLE label_rows_bbc_news_train IN SHARE MODE")
+            export = subprocess.Popen(
+                [sys.executable, "-m", "pipelines.cli.main", "label", "export", "bbc_news"],
+                cwd=stack.settings.root,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            waiting = (
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'INSERT INTO label_rows%'"
+            )
+            deadline = time.monotonic() + 90
+            with stack.connect(autocommit=True) as watcher:
+                while not (backend := watcher.execute(waiting).fetchone()):
+                    assert export.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.2)
+                export.send_signal(signal.SIGKILL)
+                export.wait()
+                blocker.rollback()  # the lock goes; the orphaned backend finds its client gone
+                while watcher.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", backend
+                ).fetchone():
+                    time.sleep(0.2)
+        assert label_rows(stack, "annotation_id") == []
+        with stack.connect() as conn:
+            assert conn.execute(
+                "SELECT count(*) FROM label_splits WHERE use_case = 'bbc_news'"
+            ).fetchone() == (0,)
+        result = labeling.export()
+        assert result.loaded == result.rows > 0
+    finally:
+        stack.supervisor.start(webhook_spec(stack))
+
+
 def test_roles_keep_test_labels_from_scientists(lab):
     stack, labeling, _ = lab
     labeling.sync()
@@ -222,8 +285,13 @@ def test_roles_keep_test_labels_from_scientists(lab):
         conn.execute("SET ROLE cdl_scientist")
         assert conn.execute("SELECT count(*) FROM labels_train").fetchone()[0] > 0
         assert conn.execute("SELECT count(*) FROM labels_bbc_news_train").fetchone()[0] > 0
+        assert conn.execute("SELECT count(*) FROM label_rows_bbc_news_train").fetchone()[0] > 0
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT count(*) FROM labels_bbc_news_test")
+        conn.rollback()
+        conn.execute("SET ROLE cdl_scientist")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT count(*) FROM label_rows_bbc_news_test")
         conn.rollback()
         conn.execute("SET ROLE cdl_scientist")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):

@@ -87,3 +87,47 @@ def test_concurrent_appliers_apply_each_migration_once(scratch_dsn, tmp_path):
 def test_platform_migrations_are_well_formed():
     found = migrations.discover()
     assert [m.version for m in found] == list(range(1, len(found) + 1))
+
+
+def test_label_rows_move_into_tables_per_use_case_and_split(scratch_dsn):
+    """Label rows loaded before the store was partitioned survive the migration, each in the
+    table of its use case and split."""
+    platform = migrations.discover()
+    migrations.apply(scratch_dsn, [m for m in platform if m.version <= 6])
+    columns = "use_case, split, source, label, labeler, labeled_at, task_id, annotation_id"
+    with psycopg.connect(scratch_dsn, autocommit=True) as conn:
+        for split, annotation, version, label in [
+            ("train", 1, 1, "tech"),
+            ("train", 1, 2, "sport"),  # a changed annotation
+            ("test", 2, 1, "tech"),
+        ]:
+            conn.execute(
+                f"INSERT INTO label_rows ({columns}, version, export_commit) "
+                "VALUES ('bbc_news', %s, 'r@c:/a', %s, 'x', now(), 1, %s, %s, 'c')",
+                [split, label, annotation, version],
+            )
+    assert [m.version for m in migrations.apply(scratch_dsn, platform)] == [7]
+    with psycopg.connect(scratch_dsn, autocommit=True) as conn:
+
+        def count(table):
+            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+        assert (count("label_rows_bbc_news_train"), count("label_rows_bbc_news_test")) == (2, 1)
+        assert conn.execute("SELECT label, version FROM labels_bbc_news_train").fetchall() == [
+            ("sport", 2)
+        ]
+        kinds = dict(
+            conn.execute(
+                "SELECT relname, relkind FROM pg_class WHERE relname LIKE 'label_rows%'"
+                " AND relkind IN ('r', 'p')"
+            ).fetchall()
+        )
+        assert kinds == {
+            "label_rows": "p",
+            "label_rows_bbc_news": "p",
+            "label_rows_bbc_news_train": "r",
+            "label_rows_bbc_news_test": "r",
+        }
+        conn.execute("SELECT label_tables('fashion_mnist')")  # a new use case; idempotent
+        conn.execute("SELECT label_tables('fashion_mnist')")
+        assert count("labels_fashion_mnist_test") == 0

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
-from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.core import lineage
@@ -531,6 +530,7 @@ class Labeling:
                         ]
                     )
             self._assign_splits(conn)
+            conn.execute("SELECT label_tables(%s)", [self.case.name])
             inserted = conn.execute(
                 """INSERT INTO label_rows (use_case, split, source, label, labeler, labeled_at,
                                            task_id, annotation_id, version, export_commit)
@@ -545,27 +545,7 @@ class Labeling:
                       OR c.labeled_at <> i.labeled_at OR c.labeler <> i.labeler""",
                 {"uc": self.case.name},
             ).rowcount
-            self._split_views(conn)
         return inserted
-
-    def _split_views(self, conn) -> None:
-        """`labels_<use case>_train` and `_test`: the use case's current labels of one split,
-        readable by the roles allowed to see that split."""
-        for split in SPLITS:
-            view = sql.Identifier(f"labels_{self.case.name}_{split}")
-            conn.execute(
-                sql.SQL(
-                    """CREATE OR REPLACE VIEW {} AS
-                   SELECT source, label, labeler, labeled_at, annotation_id, version
-                   FROM labels_current WHERE use_case = {} AND split = {}"""
-                ).format(view, sql.Literal(self.case.name), sql.Literal(split))
-            )
-            readers = ["cdl_evaluator"] + (["cdl_scientist"] if split == "train" else [])
-            for role in readers:
-                if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone():
-                    conn.execute(
-                        sql.SQL("GRANT SELECT ON {} TO {}").format(view, sql.Identifier(role))
-                    )
 
     # -- snapshots -------------------------------------------------------------------------
 
