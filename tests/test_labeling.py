@@ -3,6 +3,7 @@ become tasks, annotations come back into the label store, snapshots freeze them.
 
 import gzip
 import json
+import random
 import shutil
 import signal
 import struct
@@ -323,21 +324,26 @@ def test_fashion_images_through_the_loop(lab, tmp_path):
         fashion.sync()
     src = tmp_path / "idx"
     src.mkdir()
-    (src / "train-images-idx3-ubyte.gz").write_bytes(idx((20, 28, 28), bytes(20 * 784)))
-    (src / "train-labels-idx1-ubyte.gz").write_bytes(idx((20,), bytes(i % 10 for i in range(20))))
+    pixels = random.Random(5).randbytes(50 * 784)
+    (src / "train-images-idx3-ubyte.gz").write_bytes(idx((50, 28, 28), pixels))
+    (src / "train-labels-idx1-ubyte.gz").write_bytes(idx((50,), bytes(i % 10 for i in range(50))))
     repos.create_repo("fashion-raw")
     repos.put(Ref.parse("fashion-raw"), [src])
     for step in ("ingest", "validate", "report"):
         engine.create(REPO / "use_cases" / "fashion_mnist" / "data" / f"{step}.yaml")
     engine.run_pending()
-    assert fashion.sync() == (20, 0)
-    assert fashion.auto_annotate() == 20
+    assert fashion.sync() == (50, 0)
+    assert fashion.auto_annotate() == 50
     result = fashion.export()  # what the webhook has not loaded yet
-    assert (result.rows, result.problems) == (20, [])
+    assert (result.rows, result.problems) == (50, [])
+    assert fashion.snapshot("first") == 50
+    rows = fashion.snapshot_rows("first")
+    assert {r["split"] for r in rows if r["label"] == "bag"} == {"train", "test"}
+    assert sum(r["split"] == "test" for r in rows) == 10  # a fifth of each class's five
     with stack.connect() as conn:
-        assert conn.execute(
-            "SELECT count(*) FROM labels_current WHERE use_case = 'fashion_mnist'"
-        ).fetchone() == (20,)
+        assert conn.execute("SELECT count(*) FROM label_rows_fashion_mnist_test").fetchone() == (
+            10,
+        )
     [task] = fashion.client.request(
         "GET", "/api/tasks", params={"project": fashion.project(), "page_size": 1}
     )["tasks"]

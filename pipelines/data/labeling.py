@@ -32,7 +32,6 @@ from pipelines.data.repos import Commit, DataRepos
 
 USE_CASES = Path(__file__).resolve().parents[2] / "use_cases"
 IMPORT_BATCH = 500
-SPLITS = ("train", "test")
 
 
 class SourceSpec(BaseModel):
