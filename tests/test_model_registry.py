@@ -2,6 +2,7 @@
 every registered model follows."""
 
 import io
+import shutil
 import subprocess
 import sys
 
@@ -119,6 +120,15 @@ def test_models_that_break_the_contract(registry_stack):
     )
     with pytest.raises(CDLError, match=r"no-label/1 answered 1 row\(s\) with columns \['class'\]"):
         Registry(stack).load("no-label", CHAMPION).predict("text", [b"x"])
+
+
+def test_a_champion_whose_artifacts_are_gone(registry_stack):
+    stack = registry_stack
+    register_model(stack, "lost", "contract", alias=CHAMPION, model_config={"behaviour": "fail"})
+    shutil.rmtree(stack.settings.home / "artifacts" / "lost")
+    with pytest.raises(CDLError, match=r"cannot load model lost/1 \(lost@champion\)") as err:
+        Registry(stack).load("lost", CHAMPION)
+    assert "move the alias" in err.value.fix
 
 
 def test_unreachable_tracking_is_a_clear_error(project_factory):

@@ -56,7 +56,6 @@ class RegisteredModel:
 
     name: str
     version: str
-    alias: str | None
     model: Any  # mlflow.pyfunc.PyFuncModel
 
     @property
@@ -91,7 +90,6 @@ class RegisteredModel:
 
 class Registry:
     def __init__(self, stack: Stack):
-        self.stack = stack
         self.client = tracking.client(stack)
 
     def version(self, name: str, alias: str):
@@ -119,4 +117,4 @@ class Registry:
                 f"cannot load model {name}/{found.version} ({name}@{alias}): {exc}",
                 "check the version's artifacts in MLflow, or move the alias to another version",
             ) from exc
-        return RegisteredModel(name, found.version, alias, model)
+        return RegisteredModel(name, found.version, model)

@@ -24,6 +24,9 @@ CREATE TABLE label_rows (
     PRIMARY KEY (use_case, split, annotation_id, version)
 ) PARTITION BY LIST (use_case);
 
+-- labels_current: the latest version of each annotation
+CREATE INDEX label_rows_latest ON label_rows (use_case, annotation_id, version DESC);
+
 CREATE VIEW labels_current AS
     SELECT DISTINCT ON (use_case, annotation_id) *
     FROM label_rows ORDER BY use_case, annotation_id, version DESC;
