@@ -95,10 +95,6 @@ def test_truncated_idx_labels_are_an_error(repos, tmp_path):
         formats.compute(repos, commit)
 
 
-@pytest.mark.skipif(
-    not (FASHION / "t10k-labels-idx1-ubyte.gz").exists(),
-    reason="Debian's dataset-fashion-mnist is not installed",
-)
 def test_real_fashion_mnist_test_labels(repos, tmp_path):
     src = tmp_path / "fashion"
     src.mkdir()

@@ -135,17 +135,18 @@ def test_sync_auto_export_snapshot(lab, tmp_path):
     assert len(labeling.snapshot_rows("first")) == count  # the snapshot did not move
 
 
-def test_annotations_reach_the_store_through_the_webhook(lab):
+def test_annotations_reach_the_store_through_the_webhook(lab, tmp_path):
     stack, labeling, _ = lab
-    labeling.sync()  # also points the project's webhooks at the receiver
+    DataRepos(stack).put(Ref.parse("bbc-raw"), [fresh_articles(tmp_path, seed=31, docs=5)])
+    PipelineEngine(stack).run_pending()
+    labeling.sync()  # imports the new files and points the project's webhooks at the receiver
     with stack.connect() as conn:
-        unlabelled = conn.execute(
+        [task_id] = conn.execute(
             """SELECT t.task_id FROM label_tasks t WHERE t.use_case = 'bbc_news' AND NOT EXISTS
-               (SELECT 1 FROM label_rows r WHERE r.task_id = t.task_id) LIMIT 1"""
+               (SELECT 1 FROM label_rows r WHERE r.task_id = t.task_id)
+               ORDER BY t.task_id LIMIT 1"""
         ).fetchone()
-    if unlabelled is None:  # every task has a label: add a file to get a fresh task
-        pytest.skip("no unlabelled task left in this module's data")
-    annotation = labeling.annotate(unlabelled[0], "tech")
+    annotation = labeling.annotate(task_id, "tech")
     deadline = time.monotonic() + 30
     while not label_rows_for(stack, annotation["id"]):
         assert time.monotonic() < deadline, stack.supervisor.log_path("label-webhooks").read_text()
@@ -273,6 +274,37 @@ def test_export_killed_halfway_loads_nothing(lab):
             ).fetchone() == (0,)
         result = labeling.export()
         assert result.loaded == result.rows > 0
+    finally:
+        stack.supervisor.start(webhook_spec(stack))
+
+
+def test_deleted_annotation_leaves_the_current_labels(lab):
+    stack, labeling, _ = lab
+    labeling.sync()
+    labeling.auto_annotate()
+    stack.supervisor.stop(WEBHOOK_SERVICE)  # this test's exports are the only ones
+    try:
+        labeling.export()
+        *_, (annotation_id, version, label) = label_rows(stack, "annotation_id", "version", "label")
+        labeling.client.request("DELETE", f"/api/annotations/{annotation_id}")
+        result = labeling.export()
+        assert (result.deleted, result.loaded) == (1, 0)
+        with stack.connect() as conn:
+            latest = conn.execute(
+                "SELECT version, label, deleted, export_commit FROM label_rows "
+                "WHERE annotation_id = %s ORDER BY version DESC LIMIT 1",
+                [annotation_id],
+            ).fetchone()
+            current = conn.execute(
+                "SELECT count(*) FROM labels_current WHERE annotation_id = %s", [annotation_id]
+            ).fetchone()[0]
+        assert latest == (version + 1, label, True, result.commit.id)  # history keeps the label
+        assert current == 0
+        assert labeling.export().deleted == 0  # marked once
+        labeling.snapshot("after-delete")
+        assert annotation_id not in {
+            r["annotation_id"] for r in labeling.snapshot_rows("after-delete")
+        }
     finally:
         stack.supervisor.start(webhook_spec(stack))
 

@@ -106,7 +106,8 @@ def test_label_rows_move_into_tables_per_use_case_and_split(scratch_dsn):
                 "VALUES ('bbc_news', %s, 'r@c:/a', %s, 'x', now(), 1, %s, %s, 'c')",
                 [split, label, annotation, version],
             )
-    assert [m.version for m in migrations.apply(scratch_dsn, platform)] == [7]
+    applied = migrations.apply(scratch_dsn, platform)
+    assert [m.version for m in applied] == [m.version for m in platform if m.version > 6]
     with psycopg.connect(scratch_dsn, autocommit=True) as conn:
 
         def count(table):

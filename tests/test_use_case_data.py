@@ -121,10 +121,6 @@ def test_idx_errors(tmp_path):
         list(fashion.read(src))
 
 
-@pytest.mark.skipif(
-    not (fashion.DEFAULT_SOURCE / "t10k-images-idx3-ubyte.gz").exists(),
-    reason="Debian's dataset-fashion-mnist is not installed",
-)
 def test_real_fashion_mnist_slice(tmp_path):
     assert fashion.export_pngs(fashion.DEFAULT_SOURCE, tmp_path, "t10k", limit=50) == 50
     pngs = list(tmp_path.rglob("*.png"))

@@ -121,15 +121,17 @@ def auto(
 @app.command()
 def export(ctx: typer.Context, name: str = USE_CASE) -> None:
     """Pull all annotations, commit the raw export to the labels repo (<use-case>-labels), and
-    load new or changed annotations into the label store in one transaction. Annotations with
-    no choice, several choices or a label outside the config, and tasks whose file has left
-    the dataset, are reported and not loaded."""
+    load new or changed annotations into the label store in one transaction; annotations
+    deleted in Label Studio get a version marked deleted and leave the current labels.
+    Annotations with no choice, several choices or a label outside the config, and tasks whose
+    file has left the dataset, are reported and not loaded."""
     result = labeling(ctx, name).export()
     for problem in result.problems:
         err_console.print(f"skipped: {problem}", highlight=False)
+    deleted = f", {result.deleted} deleted annotation(s) marked" if result.deleted else ""
     console.print(
         f"{name}: {result.tasks} tasks, {result.rows} usable annotation(s), {result.loaded} new "
-        f"row(s) loaded; raw export in {result.commit.ref}",
+        f"row(s) loaded{deleted}; raw export in {result.commit.ref}",
         highlight=False,
     )
 

@@ -374,24 +374,28 @@ class Labeling:
 
     def export(self) -> "ExportResult":
         """Pull every annotation, commit the raw export to the labels repo, and load new or
-        changed annotations into the label store in one transaction."""
+        changed annotations into the label store in one transaction. Exports of a use case
+        run one at a time, so an older export is never loaded after a newer one."""
         project_id = self.project()
-        raw = self.client.request_bytes(
-            "GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"}
-        )
-        try:
-            tasks = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise CDLError(
-                f"Label Studio's export of project {project_id} is not JSON: {exc}",
-                "retry the export",
-            ) from exc
-        commit = self._commit_export(raw, project_id)
-        users = self.client.request("GET", "/api/users")
-        emails = {u["id"]: u.get("email") or u.get("username") for u in users}
-        rows, problems = self._rows(tasks, commit, emails)
-        loaded = self._load(rows)
-        return ExportResult(commit, len(tasks), len(rows), loaded, problems)
+        with self.stack.connect(autocommit=True) as lock:
+            lock.execute("SELECT pg_advisory_lock(hashtext(%s))", [f"cdl.labels:{self.case.name}"])
+            raw = self.client.request_bytes(
+                "GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"}
+            )
+            try:
+                tasks = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise CDLError(
+                    f"Label Studio's export of project {project_id} is not JSON: {exc}",
+                    "retry the export",
+                ) from exc
+            commit = self._commit_export(raw, project_id)
+            users = self.client.request("GET", "/api/users")
+            emails = {u["id"]: u.get("email") or u.get("username") for u in users}
+            rows, problems = self._rows(tasks, commit, emails)
+            exported = [a["id"] for t in tasks for a in t.get("annotations", [])]
+            loaded, deleted = self._load(rows, exported, commit)
+        return ExportResult(commit, len(tasks), len(rows), loaded, deleted, problems)
 
     def _commit_export(self, raw: bytes, project_id: int) -> Commit:
         repo = self.case.labels_repo
@@ -500,12 +504,11 @@ class Labeling:
             },
         )
 
-    def _load(self, rows: list[dict]) -> int:
+    def _load(self, rows: list[dict], exported: list[int], export: Commit) -> tuple[int, int]:
+        """Load new and changed annotations, and mark deleted the ones the export no longer
+        holds (`exported`: every annotation id in it); return (rows loaded, deleted)."""
         with self.stack.connect() as conn, conn.transaction():
             conn.execute("SET LOCAL work_mem = '64MB'")  # sorts of big exports stay in memory
-            conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"cdl.labels:{self.case.name}"]
-            )
             conn.execute(
                 """CREATE TEMP TABLE incoming (path text, source text, label text, labeler text,
                        labeled_at timestamptz, task_id integer, annotation_id integer,
@@ -538,13 +541,23 @@ class Labeling:
                           i.export_commit
                    FROM incoming i
                    JOIN label_splits s ON s.use_case = %(uc)s AND s.path = i.path
-                   LEFT JOIN labels_current c
+                   LEFT JOIN labels_latest c
                      ON c.use_case = %(uc)s AND c.annotation_id = i.annotation_id
                    WHERE c.annotation_id IS NULL OR c.label <> i.label
                       OR c.labeled_at <> i.labeled_at OR c.labeler <> i.labeler""",
                 {"uc": self.case.name},
             ).rowcount
-        return inserted
+            deleted = conn.execute(
+                """INSERT INTO label_rows (use_case, split, source, label, labeler, labeled_at,
+                                           task_id, annotation_id, version, export_commit,
+                                           deleted)
+                   SELECT use_case, split, source, label, labeler, now(), task_id,
+                          annotation_id, version + 1, %(commit)s, true
+                   FROM labels_current
+                   WHERE use_case = %(uc)s AND NOT annotation_id = ANY(%(exported)s)""",
+                {"uc": self.case.name, "commit": export.id, "exported": exported},
+            ).rowcount
+        return inserted, deleted
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -633,6 +646,7 @@ class ExportResult:
     tasks: int
     rows: int
     loaded: int  # new rows: new annotations or new versions of changed ones
+    deleted: int  # annotations gone from Label Studio, now marked deleted
     problems: list[str]
 
 
@@ -709,17 +723,17 @@ def serve_webhooks(
                 continue
             stop.wait(DEBOUNCE_S)
             with wake:
-                names, due_now = sorted(due), None
+                names = sorted(due)
                 due.clear()
             for name in names:
                 try:
                     result = Labeling(stack, use_case(name)).export()
                     say(
                         f"{name}: exported, {result.loaded} new label row(s)"
+                        + (f", {result.deleted} deleted" if result.deleted else "")
                         + (f", {len(result.problems)} skipped" if result.problems else "")
                     )
                 except CDLError as exc:
                     say(f"{name}: export failed: {exc}")
-            del due_now
     finally:
         server.shutdown()
