@@ -9,6 +9,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import psycopg
@@ -152,6 +153,54 @@ def test_annotations_reach_the_store_through_the_webhook(lab, tmp_path):
         assert time.monotonic() < deadline, stack.supervisor.log_path("label-webhooks").read_text()
         time.sleep(0.2)
     assert label_rows_for(stack, annotation["id"])[0][0] == "tech"
+
+
+def test_webhook_receiver_retries_a_failed_export(project_factory, monkeypatch):
+    """An export that fails (the database restarting, say) does not stop the receiver: it is
+    retried with backoff until it succeeds."""
+    import httpx
+
+    from pipelines.core.errors import StackError
+    from pipelines.core.postgres import free_port
+    from pipelines.data import labeling as labeling_module
+
+    stack = project_factory()
+    outcomes = [StackError("cannot reach the platform database"), RuntimeError("connection lost")]
+    exports = []
+
+    def export(self):
+        exports.append((self.case.name, time.monotonic()))
+        if outcomes:
+            raise outcomes.pop(0)
+        return labeling_module.ExportResult(None, 3, 3, 3, 0, [])
+
+    monkeypatch.setattr(Labeling, "export", export)
+    monkeypatch.setattr(labeling_module, "RETRY_S", 0.2)
+    port, stop, said = free_port(), threading.Event(), []
+    receiver = threading.Thread(
+        target=labeling_module.serve_webhooks, args=(stack, port, stop, said.append)
+    )
+    receiver.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not said:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        event = {"action": "ANNOTATION_CREATED", "project": {"title": "BBC news topics"}}
+        assert httpx.post(f"http://127.0.0.1:{port}/hook", json=event).status_code == 200
+        other = {"action": "ANNOTATION_CREATED", "project": {"title": "someone else's"}}
+        assert httpx.post(f"http://127.0.0.1:{port}/hook", json=other).status_code == 202
+        while len(exports) < 3:
+            assert time.monotonic() < deadline, said
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        receiver.join(10)
+    assert [name for name, _ in exports] == ["bbc_news"] * 3
+    waits = [b[1] - a[1] for a, b in zip(exports, exports[1:], strict=False)]
+    assert 0.2 <= waits[0] < waits[1]  # backoff doubles
+    assert any("export failed, retrying in" in line for line in said)
+    assert "bbc_news: exported, 3 new label row(s)" in said[-1]
 
 
 def label_rows_for(stack, annotation_id):

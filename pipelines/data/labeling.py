@@ -13,6 +13,7 @@ import base64
 import json
 import re
 import threading
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -655,6 +656,7 @@ class ExportResult:
 WEBHOOK_SERVICE = "label-webhooks"
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
 DEBOUNCE_S = 1.0  # a burst of annotations becomes one export
+RETRY_S, RETRY_MAX_S = 2.0, 60.0  # a failed export is retried after 2, 4, 8, ... 60 s
 
 
 def webhook_port(stack: Stack) -> int:
@@ -715,25 +717,35 @@ def serve_webhooks(
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     say(f"receiving Label Studio webhooks on http://127.0.0.1:{port}/hook")
+    retry: dict[str, tuple[float, float]] = {}  # use case -> (when, backoff) of a failed export
     try:
         while not stop.is_set():
+            next_retry = min((when for when, _ in retry.values()), default=time.monotonic() + 1)
             with wake:
-                wake.wait_for(lambda: due or stop.is_set(), timeout=1.0)
-            if not due:
-                continue
-            stop.wait(DEBOUNCE_S)
+                wake.wait_for(
+                    lambda: due or stop.is_set(),
+                    timeout=max(0.0, min(1.0, next_retry - time.monotonic())),
+                )
+                burst = bool(due)
+            if burst:
+                stop.wait(DEBOUNCE_S)
+            now = time.monotonic()
             with wake:
-                names = sorted(due)
+                names = sorted(due | {n for n, (when, _) in retry.items() if when <= now})
                 due.clear()
             for name in names:
                 try:
                     result = Labeling(stack, use_case(name)).export()
-                    say(
-                        f"{name}: exported, {result.loaded} new label row(s)"
-                        + (f", {result.deleted} deleted" if result.deleted else "")
-                        + (f", {len(result.problems)} skipped" if result.problems else "")
-                    )
-                except CDLError as exc:
-                    say(f"{name}: export failed: {exc}")
+                except Exception as exc:  # the receiver outlives a failed export and retries it
+                    backoff = min(2 * retry.get(name, (0, RETRY_S / 2))[1], RETRY_MAX_S)
+                    retry[name] = (time.monotonic() + backoff, backoff)
+                    say(f"{name}: export failed, retrying in {backoff:g} s: {exc}")
+                    continue
+                retry.pop(name, None)
+                say(
+                    f"{name}: exported, {result.loaded} new label row(s)"
+                    + (f", {result.deleted} deleted" if result.deleted else "")
+                    + (f", {len(result.problems)} skipped" if result.problems else "")
+                )
     finally:
         server.shutdown()
