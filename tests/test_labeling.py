@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from unittest.mock import ANY
 
 import psycopg
 import pytest
@@ -72,6 +73,10 @@ def test_sync_auto_export_snapshot(lab, tmp_path):
     result = labeling.export()
     assert (result.rows, result.problems) == (len(valid), [])
     assert result.commit.repo == "bbc-news-labels"
+    files = list(repos.files(result.commit))  # the raw export: one file per annotated task
+    assert len(files) == len(valid) and all(f.path.startswith("/tasks/") for f in files)
+    task = json.loads(b"".join(repos.store.read_chunks(files[0].sha256)))
+    assert f"/tasks/{task['id']}.json" == files[0].path and task["annotations"]
     assert labeling.export().loaded == 0  # nothing new: nothing loaded twice
     rows = label_rows(stack, "split", "label", "labeler", "source", "version")
     assert len(rows) == len(valid)
@@ -147,12 +152,39 @@ def test_annotations_reach_the_store_through_the_webhook(lab, tmp_path):
                (SELECT 1 FROM label_rows r WHERE r.task_id = t.task_id)
                ORDER BY t.task_id LIMIT 1"""
         ).fetchone()
+    log = stack.supervisor.log_path("label-webhooks")
+    seen = len(log.read_text())
     annotation = labeling.annotate(task_id, "tech")
     deadline = time.monotonic() + 30
     while not label_rows_for(stack, annotation["id"]):
-        assert time.monotonic() < deadline, stack.supervisor.log_path("label-webhooks").read_text()
+        assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
     assert label_rows_for(stack, annotation["id"])[0][0] == "tech"
+    assert (
+        "bbc_news: exported 1 task(s) (incremental), 1 new label row(s)" in log.read_text()[seen:]
+    )
+    repos = DataRepos(stack)
+    head = repos.resolve("bbc-news-labels")
+    project = labeling.project()
+    assert head.message == f"incremental export (1 task(s)) of Label Studio project {project}"
+    changed = [
+        (status, path) for status, path, *_ in repos.diff(repos.resolve(f"{head.ref}^"), head)
+    ]
+    assert changed == [("added", f"/tasks/{task_id}.json")]
+
+    # A deleted annotation reaches the store the same way: it leaves the current labels.
+    labeling.client.request("DELETE", f"/api/annotations/{annotation['id']}")
+    while current_label(stack, annotation["id"]):
+        assert time.monotonic() < deadline + 30, log.read_text()
+        time.sleep(0.2)
+    assert label_rows_for(stack, annotation["id"]) == [("tech",), ("tech",)]  # and a tombstone
+
+
+def current_label(stack, annotation_id):
+    with stack.connect() as conn:
+        return conn.execute(
+            "SELECT label FROM labels_current WHERE annotation_id = %s", [annotation_id]
+        ).fetchall()
 
 
 def test_webhook_receiver_retries_a_failed_export(project_factory, monkeypatch):
@@ -168,11 +200,11 @@ def test_webhook_receiver_retries_a_failed_export(project_factory, monkeypatch):
     outcomes = [StackError("cannot reach the platform database"), RuntimeError("connection lost")]
     exports = []
 
-    def export(self):
-        exports.append((self.case.name, time.monotonic()))
+    def export(self, tasks=None):
+        exports.append((self.case.name, tasks, time.monotonic()))
         if outcomes:
             raise outcomes.pop(0)
-        return labeling_module.ExportResult(None, 3, 3, 3, 0, [])
+        return labeling_module.ExportResult(None, 1, 1, 1, 0, [])
 
     monkeypatch.setattr(Labeling, "export", export)
     monkeypatch.setattr(labeling_module, "RETRY_S", 0.2)
@@ -186,7 +218,12 @@ def test_webhook_receiver_retries_a_failed_export(project_factory, monkeypatch):
         while not said:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        event = {"action": "ANNOTATION_CREATED", "project": {"title": "BBC news topics"}}
+        event = {
+            "action": "ANNOTATION_CREATED",
+            "project": {"title": "BBC news topics"},
+            "annotation": {"id": 40, "task": 7},
+            "task": {"id": 7},
+        }
         assert httpx.post(f"http://127.0.0.1:{port}/hook", json=event).status_code == 200
         other = {"action": "ANNOTATION_CREATED", "project": {"title": "someone else's"}}
         assert httpx.post(f"http://127.0.0.1:{port}/hook", json=other).status_code == 202
@@ -196,17 +233,34 @@ def test_webhook_receiver_retries_a_failed_export(project_factory, monkeypatch):
     finally:
         stop.set()
         receiver.join(10)
-    assert [name for name, _ in exports] == ["bbc_news"] * 3
-    waits = [b[1] - a[1] for a, b in zip(exports, exports[1:], strict=False)]
+    assert [(name, tasks) for name, tasks, _ in exports] == [("bbc_news", {7})] * 3
+    waits = [b[2] - a[2] for a, b in zip(exports, exports[1:], strict=False)]
     assert 0.2 <= waits[0] < waits[1]  # backoff doubles
     assert any("export failed, retrying in" in line for line in said)
-    assert "bbc_news: exported, 3 new label row(s)" in said[-1]
+    assert "bbc_news: exported 1 task(s) (incremental), 1 new label row(s)" in said[-1]
+
+
+def test_event_scope():
+    from pipelines.data.labeling import event_scope, merge_scopes
+
+    created = {"action": "ANNOTATION_CREATED", "annotation": {"id": 4, "task": 9}}
+    assert event_scope(created) == {("task", 9)}
+    assert event_scope({**created, "task": {"id": 9}}) == {("task", 9)}
+    deleted = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 4}, {"id": 5}]}
+    assert event_scope(deleted) == {("annotation", 4), ("annotation", 5)}
+    assert event_scope({"action": "ANNOTATION_UPDATED"}) is None  # names nothing: export all
+    assert event_scope({"action": "ANNOTATIONS_DELETED", "annotations": "x"}) is None
+    assert merge_scopes({("task", 1)}, {("task", 2)}) == {("task", 1), ("task", 2)}
+    assert merge_scopes({("task", 1)}, None) is None
+    many = {("task", i) for i in range(600)}
+    assert merge_scopes(many, {("task", -i) for i in range(1, 601)}) is None
 
 
 def label_rows_for(stack, annotation_id):
     with stack.connect() as conn:
         return conn.execute(
-            "SELECT label FROM label_rows WHERE annotation_id = %s", [annotation_id]
+            "SELECT label FROM label_rows WHERE annotation_id = %s ORDER BY version",
+            [annotation_id],
         ).fetchall()
 
 
@@ -334,10 +388,17 @@ def test_deleted_annotation_leaves_the_current_labels(lab):
     stack.supervisor.stop(WEBHOOK_SERVICE)  # this test's exports are the only ones
     try:
         labeling.export()
-        *_, (annotation_id, version, label) = label_rows(stack, "annotation_id", "version", "label")
+        *_, (task_id, annotation_id, version, label) = label_rows(
+            stack, "task_id", "annotation_id", "version", "label"
+        )
         labeling.client.request("DELETE", f"/api/annotations/{annotation_id}")
-        result = labeling.export()
-        assert (result.deleted, result.loaded) == (1, 0)
+        result = labeling.export(tasks=[task_id])  # incremental: just that task
+        assert (result.tasks, result.deleted, result.loaded) == (0, 1, 0)
+        repos = DataRepos(stack)
+        before = repos.resolve(f"{result.commit.ref}^")
+        assert list(repos.diff(before, result.commit)) == [
+            ("removed", f"/tasks/{task_id}.json", ANY, None)
+        ]  # the task has no annotation left; the other tasks' files stay
         with stack.connect() as conn:
             latest = conn.execute(
                 "SELECT version, label, deleted, export_commit FROM label_rows "

@@ -174,7 +174,8 @@ def webhooks(
     ctx: typer.Context,
     port: int = typer.Option(..., help="Port on 127.0.0.1 to receive Label Studio webhooks on."),
 ) -> None:
-    """Receive Label Studio's annotation webhooks and run an incremental export of the use case
-    they concern. `cdl stack up --with label-studio` runs this as the 'label-webhooks' service,
-    and `cdl label sync` points the project's webhooks at it."""
+    """Receive Label Studio's annotation webhooks and run an incremental export of the tasks
+    they concern, retried with backoff when it fails. `cdl stack up --with label-studio` runs
+    this as the 'label-webhooks' service, and `cdl label sync` points the project's webhooks at
+    it."""
     serve_webhooks(cli_context(ctx).stack, port, stop_on_signal(), say)

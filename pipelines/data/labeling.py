@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -373,43 +373,83 @@ class Labeling:
 
     # -- export into the label store -------------------------------------------------------
 
-    def export(self) -> "ExportResult":
-        """Pull every annotation, commit the raw export to the labels repo, and load new or
-        changed annotations into the label store in one transaction. Exports of a use case
-        run one at a time, so an older export is never loaded after a newer one."""
+    def tasks_of(self, scope: set[tuple[str, int]]) -> set[int]:
+        """The task ids of a webhook scope: its tasks, and the tasks of its annotations (deleted
+        ones included: the label store knows their task)."""
+        tasks = {i for kind, i in scope if kind == "task"}
+        annotations = [i for kind, i in scope if kind == "annotation"]
+        if annotations:
+            with self.stack.connect() as conn:
+                tasks |= {
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT DISTINCT task_id FROM label_rows "
+                        "WHERE use_case = %s AND annotation_id = ANY(%s)",
+                        [self.case.name, annotations],
+                    )
+                }
+        return tasks
+
+    def export(self, tasks: Collection[int] | None = None) -> "ExportResult":
+        """Pull the project's annotated tasks from Label Studio, commit their raw export JSON to
+        the labels repo (one file per task, `/tasks/<id>.json`), and load new or changed
+        annotations into the label store in one transaction; annotations that are gone get a
+        version marked deleted.
+
+        With `tasks` (task ids, as a webhook names them) only those tasks are exported and
+        compared: an incremental export. Exports of a use case run one at a time, so an older
+        export is never loaded after a newer one."""
+        scope = None if tasks is None else sorted(set(tasks))
+        if scope is not None and not scope:
+            return ExportResult(None, 0, 0, 0, 0, [])
         project_id = self.project()
+        params: dict = {"exportType": "JSON"}
+        if scope is not None:
+            params["ids[]"] = scope
         with self.stack.connect(autocommit=True) as lock:
             lock.execute("SELECT pg_advisory_lock(hashtext(%s))", [f"cdl.labels:{self.case.name}"])
             raw = self.client.request_bytes(
-                "GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"}
+                "GET", f"/api/projects/{project_id}/export", params=params
             )
             try:
-                tasks = json.loads(raw)
-            except json.JSONDecodeError as exc:
+                exported = json.loads(raw)
+                ids = [t["id"] for t in exported]
+            except (ValueError, TypeError, KeyError) as exc:
                 raise CDLError(
-                    f"Label Studio's export of project {project_id} is not JSON: {exc}",
+                    f"Label Studio's export of project {project_id} is not a JSON list of "
+                    f"tasks: {exc}",
                     "retry the export",
                 ) from exc
-            commit = self._commit_export(raw, project_id)
+            commit = self._commit_export(exported, project_id, scope)
             users = self.client.request("GET", "/api/users")
             emails = {u["id"]: u.get("email") or u.get("username") for u in users}
-            rows, problems = self._rows(tasks, commit, emails)
-            exported = [a["id"] for t in tasks for a in t.get("annotations", [])]
-            loaded, deleted = self._load(rows, exported, commit)
-        return ExportResult(commit, len(tasks), len(rows), loaded, deleted, problems)
+            rows, problems = self._rows(exported, commit, emails)
+            present = [a["id"] for t in exported for a in t.get("annotations", [])]
+            loaded, deleted = self._load(rows, present, commit, scope)
+        return ExportResult(commit, len(ids), len(rows), loaded, deleted, problems)
 
-    def _commit_export(self, raw: bytes, project_id: int) -> Commit:
+    def _commit_export(self, exported: list[dict], project_id: int, scope: list[int] | None):
+        """A commit of the labels repo: every exported task as `/tasks/<id>.json`. A full
+        export's commit holds exactly the annotated tasks; an incremental one changes the
+        files of the tasks in scope, removing those that have no annotation any more."""
         repo = self.case.labels_repo
         if repo not in {r["name"] for r in self.repos.list_repos()}:
             try:
                 self.repos.create_repo(repo, f"raw Label Studio exports of {self.case.name}")
             except CDLError:
                 pass  # created concurrently
-        sha256, size = self.repos.store.put_bytes(raw)
+        what = "export" if scope is None else f"incremental export ({len(scope)} task(s))"
         with self.repos.writer(
-            repo, message=f"export of Label Studio project {project_id}", author="cdl label export"
+            repo,
+            message=f"{what} of Label Studio project {project_id}",
+            author="cdl label export",
+            carry_parent=scope is not None,
         ) as writer:
-            writer.add_object("/export.json", sha256, size)
+            for task in exported:
+                data = json.dumps(task, ensure_ascii=False, sort_keys=True).encode()
+                writer.add_object(f"/tasks/{task['id']}.json", *self.repos.store.put_bytes(data))
+            for task_id in set(scope or ()) - {t["id"] for t in exported}:
+                writer.delete(f"/tasks/{task_id}.json")
         return writer.commit
 
     def _current_files(self) -> set[tuple[str, str]]:
@@ -505,9 +545,12 @@ class Labeling:
             },
         )
 
-    def _load(self, rows: list[dict], exported: list[int], export: Commit) -> tuple[int, int]:
-        """Load new and changed annotations, and mark deleted the ones the export no longer
-        holds (`exported`: every annotation id in it); return (rows loaded, deleted)."""
+    def _load(
+        self, rows: list[dict], present: list[int], export: Commit, scope: list[int] | None
+    ) -> tuple[int, int]:
+        """Load new and changed annotations, and mark deleted the annotations of the tasks in
+        `scope` (all tasks when None) that the export no longer holds (`present`: every
+        annotation id in it); return (rows loaded, deleted)."""
         with self.stack.connect() as conn, conn.transaction():
             conn.execute("SET LOCAL work_mem = '64MB'")  # sorts of big exports stay in memory
             conn.execute(
@@ -555,8 +598,9 @@ class Labeling:
                    SELECT use_case, split, source, label, labeler, now(), task_id,
                           annotation_id, version + 1, %(commit)s, true
                    FROM labels_current
-                   WHERE use_case = %(uc)s AND NOT annotation_id = ANY(%(exported)s)""",
-                {"uc": self.case.name, "commit": export.id, "exported": exported},
+                   WHERE use_case = %(uc)s AND NOT annotation_id = ANY(%(present)s)
+                     AND (%(scope)s::integer[] IS NULL OR task_id = ANY(%(scope)s))""",
+                {"uc": self.case.name, "commit": export.id, "present": present, "scope": scope},
             ).rowcount
         return inserted, deleted
 
@@ -643,7 +687,7 @@ class Labeling:
 
 @dataclass
 class ExportResult:
-    commit: Commit
+    commit: Commit | None  # None: nothing was in scope
     tasks: int
     rows: int
     loaded: int  # new rows: new annotations or new versions of changed ones
@@ -678,16 +722,52 @@ def webhook_spec(stack: Stack) -> ServiceSpec:
     )
 
 
+# What a burst of events asks to export: ("task", id) and ("annotation", id) keys, or None for
+# the whole project (an event that names neither, or too many to name in one request).
+Scope = set[tuple[str, int]] | None
+MAX_SCOPE = 1000
+
+
+def event_scope(payload: dict) -> Scope:
+    """The task an annotation event concerns, or the annotations it deleted."""
+    try:
+        if payload.get("action") == "ANNOTATIONS_DELETED":
+            keys = {("annotation", int(a["id"])) for a in payload.get("annotations") or []}
+        else:
+            task = (payload.get("task") or {}).get("id") or payload["annotation"]["task"]
+            keys = {("task", int(task))}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return keys or None
+
+
+def merge_scopes(a: Scope, b: Scope) -> Scope:
+    if a is None or b is None or len(a | b) > MAX_SCOPE:
+        return None
+    return a | b
+
+
 def serve_webhooks(
     stack: Stack, port: int, stop: threading.Event, say: Callable[[str], None]
 ) -> None:
-    """Receive Label Studio's annotation webhooks and export the use case they concern."""
+    """Receive Label Studio's annotation webhooks and run an incremental export of the tasks
+    they concern; a failed export is retried with backoff."""
     projects = {
         use_case(p.parent.name).spec.project: p.parent.name
         for p in USE_CASES.glob("*/labeling.yaml")
     }
-    due: set[str] = set()
+    pending: dict[str, Scope] = {}  # use case -> what to export
+    retry: dict[str, tuple[float, float]] = {}  # use case -> (when, backoff) after a failure
     wake = threading.Condition()
+
+    def add(name: str, scope: Scope) -> None:
+        with wake:
+            pending[name] = merge_scopes(pending[name], scope) if name in pending else scope
+            wake.notify()
+
+    def ready() -> list[str]:
+        now = time.monotonic()
+        return sorted(n for n in pending if retry.get(n, (0.0, 0.0))[0] <= now)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # health
@@ -699,17 +779,13 @@ def serve_webhooks(
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             try:
                 payload = json.loads(body or b"{}")
-                title = (payload.get("project") or {}).get("title")
-                action = payload.get("action")
+                name = projects.get((payload.get("project") or {}).get("title"))
             except (ValueError, AttributeError):
-                title, action = None, None
-            name = projects.get(title)
+                payload, name = {}, None
             self.send_response(200 if name else 202)
             self.end_headers()
-            if name and action in WEBHOOK_ACTIONS:
-                with wake:
-                    due.add(name)
-                    wake.notify()
+            if name and payload.get("action") in WEBHOOK_ACTIONS:
+                add(name, event_scope(payload))
 
         def log_message(self, *args):
             pass
@@ -717,33 +793,33 @@ def serve_webhooks(
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     say(f"receiving Label Studio webhooks on http://127.0.0.1:{port}/hook")
-    retry: dict[str, tuple[float, float]] = {}  # use case -> (when, backoff) of a failed export
     try:
         while not stop.is_set():
-            next_retry = min((when for when, _ in retry.values()), default=time.monotonic() + 1)
             with wake:
-                wake.wait_for(
-                    lambda: due or stop.is_set(),
-                    timeout=max(0.0, min(1.0, next_retry - time.monotonic())),
-                )
-                burst = bool(due)
-            if burst:
-                stop.wait(DEBOUNCE_S)
-            now = time.monotonic()
+                retries = [retry[n][0] for n in pending if n in retry]
+                wait_s = min([1.0] + [when - time.monotonic() for when in retries])
+                if not wake.wait_for(lambda: ready() or stop.is_set(), timeout=max(0.0, wait_s)):
+                    continue
+            if stop.wait(DEBOUNCE_S):  # a burst of events becomes one export
+                break
             with wake:
-                names = sorted(due | {n for n, (when, _) in retry.items() if when <= now})
-                due.clear()
-            for name in names:
+                work = {n: pending.pop(n) for n in ready()}
+            for name, scope in work.items():
                 try:
-                    result = Labeling(stack, use_case(name)).export()
+                    labeling = Labeling(stack, use_case(name))
+                    tasks = None if scope is None else labeling.tasks_of(scope)
+                    result = labeling.export(tasks)
                 except Exception as exc:  # the receiver outlives a failed export and retries it
-                    backoff = min(2 * retry.get(name, (0, RETRY_S / 2))[1], RETRY_MAX_S)
+                    backoff = min(2 * retry.get(name, (0.0, RETRY_S / 2))[1], RETRY_MAX_S)
                     retry[name] = (time.monotonic() + backoff, backoff)
+                    add(name, scope)
                     say(f"{name}: export failed, retrying in {backoff:g} s: {exc}")
                     continue
                 retry.pop(name, None)
                 say(
-                    f"{name}: exported, {result.loaded} new label row(s)"
+                    f"{name}: exported {result.tasks} task(s)"
+                    + (" (incremental)" if tasks is not None else "")
+                    + f", {result.loaded} new label row(s)"
                     + (f", {result.deleted} deleted" if result.deleted else "")
                     + (f", {len(result.problems)} skipped" if result.problems else "")
                 )
