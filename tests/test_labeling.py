@@ -648,3 +648,38 @@ def test_champion_model_pre_annotates_new_tasks(lab, tmp_path):
     assert both.returncode == 1 and "choose one of them" in both.stderr
     result, new = add_and_sync(articles)  # without pre-annotations the same files import
     assert result.returncode == 0 and len(new) == 5
+
+
+def test_a_changed_labeling_config_updates_the_project(lab, tmp_path):
+    """The labeling config is versioned in the use-case folder: a sync after it changes updates
+    the Label Studio project, unless it drops a label the store uses."""
+    stack, labeling, _ = lab
+    folder = tmp_path / "bbc_news"
+    shutil.copytree(REPO / "use_cases" / "bbc_news", folder)
+    config = folder / "labeling.xml"
+    original = config.read_text()
+    config.write_text(
+        original.replace(
+            '<Choice value="tech"/>', '<Choice value="tech"/>\n    <Choice value="science"/>'
+        )
+    )
+    changed = Labeling(stack, use_case("bbc_news", root=tmp_path))
+    assert "science" in changed.case.labels
+    try:
+        project_id = changed.project()
+        stored = changed.client.request("GET", f"/api/projects/{project_id}")["label_config"]
+        assert '<Choice value="science"/>' in stored
+        # Dropping a label the store uses would stop it loading: refused, and the project kept.
+        config.write_text(original.replace('<Choice value="sport"/>', ""))
+        with pytest.raises(
+            CDLError,
+            match=r"labeling.xml drops labels the label store uses: "
+            r"'sport' \(\d+ label\(s\)\)",
+        ):
+            Labeling(stack, use_case("bbc_news", root=tmp_path)).project()
+        stored = changed.client.request("GET", f"/api/projects/{project_id}")["label_config"]
+        assert '<Choice value="sport"/>' in stored
+    finally:
+        labeling.project()  # back to the repo's config
+    stored = labeling.client.request("GET", f"/api/projects/{project_id}")["label_config"]
+    assert stored.strip() == labeling.case.label_config.strip()

@@ -172,7 +172,8 @@ class Labeling:
         config = self.case.label_config
         for project in self.client.projects():
             if project["title"] == self.case.spec.project:
-                if project.get("label_config") != config:
+                if (project.get("label_config") or "").strip() != config.strip():
+                    self._check_labels_in_use()
                     self.client.request(
                         "PATCH", f"/api/projects/{project['id']}", json={"label_config": config}
                     )
@@ -187,6 +188,24 @@ class Labeling:
             },
         )
         return created["id"]
+
+    def _check_labels_in_use(self) -> None:
+        """A labeling config may add labels, not drop ones the current labels use: Label Studio
+        would take it, and those labels would silently stop loading."""
+        with self.stack.connect() as conn:
+            used = conn.execute(
+                """SELECT label, count(*) FROM labels_current
+                   WHERE use_case = %s AND NOT label = ANY(%s) GROUP BY label ORDER BY label""",
+                [self.case.name, self.case.labels],
+            ).fetchall()
+        if used:
+            dropped = ", ".join(f"'{label}' ({count} label(s))" for label, count in used)
+            raise CDLError(
+                f"{self.case.folder / self.case.spec.label_config} drops labels the label store "
+                f"uses: {dropped}",
+                "keep them in the config, or relabel those tasks in Label Studio and export "
+                "before removing them",
+            )
 
     def _register_webhook(self, project_id: int) -> None:
         """Point the project's annotation webhooks at the stack's receiver, when it runs."""
