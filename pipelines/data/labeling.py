@@ -444,7 +444,7 @@ class Labeling:
             emails = {u["id"]: u.get("email") or u.get("username") for u in users}
             rows, problems = self._rows(exported, commit, emails)
             present = [a["id"] for t in exported for a in t.get("annotations", [])]
-            loaded, deleted = self._load(rows, present, commit, scope)
+            loaded, deleted = self._load(rows, present, commit.id, scope)
         return ExportResult(commit, len(ids), len(rows), loaded, deleted, problems)
 
     def _commit_export(self, exported: list[dict], project_id: int, scope: list[int] | None):
@@ -565,7 +565,7 @@ class Labeling:
         )
 
     def _load(
-        self, rows: list[dict], present: list[int], export: Commit, scope: list[int] | None
+        self, rows: list[dict], present: list[int], export_commit: str, scope: list[int] | None
     ) -> tuple[int, int]:
         """Load new and changed annotations, and mark deleted the annotations of the tasks in
         `scope` (all tasks when None) that the export no longer holds (`present`: every
@@ -619,7 +619,7 @@ class Labeling:
                    FROM labels_current
                    WHERE use_case = %(uc)s AND NOT annotation_id = ANY(%(present)s)
                      AND (%(scope)s::integer[] IS NULL OR task_id = ANY(%(scope)s))""",
-                {"uc": self.case.name, "commit": export.id, "present": present, "scope": scope},
+                {"uc": self.case.name, "commit": export_commit, "present": present, "scope": scope},
             ).rowcount
         return inserted, deleted
 
