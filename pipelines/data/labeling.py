@@ -240,19 +240,24 @@ class Labeling:
                 f"'{found['label']}' is not in the labeling config",
                 "predict one of " + ", ".join(self.case.labels),
             )
-        to_name = "image" if self.case.spec.task == "image" else "text"
         return [
             {
                 "model_version": str(found.get("model", "unknown")),
                 "score": float(found.get("score", 0.0)),
-                "result": [
-                    {
-                        "from_name": self.case.spec.choices,
-                        "to_name": to_name,
-                        "type": "choices",
-                        "value": {"choices": [found["label"]]},
-                    }
-                ],
+                "result": self._choice_result([found["label"]]),
+            }
+        ]
+
+    def _choice_result(self, labels: list[str]) -> list[dict]:
+        """An annotation's or prediction's result that picks `labels` (none: an empty one)."""
+        if not labels:
+            return []
+        return [
+            {
+                "from_name": self.case.spec.choices,
+                "to_name": "image" if self.case.spec.task == "image" else "text",
+                "type": "choices",
+                "value": {"choices": labels},
             }
         ]
 
@@ -361,21 +366,10 @@ class Labeling:
         return count
 
     def annotate(self, task_id: int, *labels: str) -> dict:
-        to_name = "image" if self.case.spec.task == "image" else "text"
-        result = (
-            [
-                {
-                    "from_name": self.case.spec.choices,
-                    "to_name": to_name,
-                    "type": "choices",
-                    "value": {"choices": list(labels)},
-                }
-            ]
-            if labels
-            else []
-        )
         return self.client.request(
-            "POST", f"/api/tasks/{task_id}/annotations", json={"result": result, "lead_time": 1.0}
+            "POST",
+            f"/api/tasks/{task_id}/annotations",
+            json={"result": self._choice_result(list(labels)), "lead_time": 1.0},
         )
 
     def _tasks(self, project_id: int) -> list[dict]:
