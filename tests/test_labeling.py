@@ -49,6 +49,15 @@ def lab(tmp_path_factory):
     destroy(stack)
 
 
+@pytest.fixture
+def quiet_lab(lab):
+    """The lab with its webhook receiver stopped: the test's own exports are the only ones."""
+    stack = lab[0]
+    stack.supervisor.stop(WEBHOOK_SERVICE)
+    yield lab
+    stack.supervisor.start(webhook_spec(stack))
+
+
 def label_rows(stack, *columns):
     with stack.connect() as conn:
         return conn.execute(
@@ -146,6 +155,7 @@ def test_annotations_reach_the_store_through_the_webhook(lab, tmp_path):
     DataRepos(stack).put(Ref.parse("bbc-raw"), [fresh_articles(tmp_path, seed=31, docs=5)])
     PipelineEngine(stack).run_pending()
     labeling.sync()  # imports the new files and points the project's webhooks at the receiver
+    labeling.export()  # the labels repo's head before the webhook's incremental export
     with stack.connect() as conn:
         [task_id] = conn.execute(
             """SELECT t.task_id FROM label_tasks t WHERE t.use_case = 'bbc_news' AND NOT EXISTS
@@ -307,8 +317,8 @@ def test_task_whose_file_left_the_dataset(lab):
     assert any("is no longer in bbc-validate@master" in p for p in result.problems)
 
 
-def test_export_is_all_or_nothing(lab, monkeypatch):
-    stack, labeling, _ = lab
+def test_export_is_all_or_nothing(quiet_lab, monkeypatch):
+    stack, labeling, _ = quiet_lab
     labeling.sync()
     labeling.auto_annotate()
     labeling.export()
@@ -332,91 +342,81 @@ def test_export_is_all_or_nothing(lab, monkeypatch):
     assert labeling.export().loaded > 0
 
 
-def test_export_killed_halfway_loads_nothing(lab):
+def test_export_killed_halfway_loads_nothing(quiet_lab):
     """A `cdl label export` SIGKILLed while its load is inside the database leaves no rows and
     no splits behind; the next export loads everything."""
-    stack, labeling, _ = lab
+    stack, labeling, _ = quiet_lab
     labeling.sync()
     labeling.auto_annotate()
-    stack.supervisor.stop(WEBHOOK_SERVICE)  # no incremental export may run meanwhile
-    try:
-        labeling.export()
-        with stack.connect() as conn:
-            conn.execute("DELETE FROM label_rows WHERE use_case = 'bbc_news' AND version > 0")
-            conn.execute("DELETE FROM label_splits WHERE use_case = 'bbc_news'")
-            conn.commit()
-        with stack.connect() as blocker:
-            # The export's insert into the train table waits here, its transaction open.
-            blocker.execute("LOCK TABLE label_rows_bbc_news_train IN SHARE MODE")
-            export = subprocess.Popen(
-                [sys.executable, "-m", "pipelines.cli.main", "label", "export", "bbc_news"],
-                cwd=stack.settings.root,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            waiting = (
-                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE 'INSERT INTO label_rows%'"
-            )
-            deadline = time.monotonic() + 90
-            with stack.connect(autocommit=True) as watcher:
-                while not (backend := watcher.execute(waiting).fetchone()):
-                    assert export.poll() is None and time.monotonic() < deadline
-                    time.sleep(0.2)
-                export.send_signal(signal.SIGKILL)
-                export.wait()
-                blocker.rollback()  # the lock goes; the orphaned backend finds its client gone
-                while watcher.execute(
-                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", backend
-                ).fetchone():
-                    time.sleep(0.2)
-        assert label_rows(stack, "annotation_id") == []
-        with stack.connect() as conn:
-            assert conn.execute(
-                "SELECT count(*) FROM label_splits WHERE use_case = 'bbc_news'"
-            ).fetchone() == (0,)
-        result = labeling.export()
-        assert result.loaded == result.rows > 0
-    finally:
-        stack.supervisor.start(webhook_spec(stack))
-
-
-def test_deleted_annotation_leaves_the_current_labels(lab):
-    stack, labeling, _ = lab
-    labeling.sync()
-    labeling.auto_annotate()
-    stack.supervisor.stop(WEBHOOK_SERVICE)  # this test's exports are the only ones
-    try:
-        labeling.export()
-        *_, (task_id, annotation_id, version, label) = label_rows(
-            stack, "task_id", "annotation_id", "version", "label"
+    labeling.export()
+    with stack.connect() as conn:
+        conn.execute("DELETE FROM label_rows WHERE use_case = 'bbc_news' AND version > 0")
+        conn.execute("DELETE FROM label_splits WHERE use_case = 'bbc_news'")
+        conn.commit()
+    with stack.connect() as blocker:
+        # The export's insert into the train table waits here, its transaction open.
+        blocker.execute("LOCK TABLE label_rows_bbc_news_train IN SHARE MODE")
+        export = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli.main", "label", "export", "bbc_news"],
+            cwd=stack.settings.root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
-        labeling.client.request("DELETE", f"/api/annotations/{annotation_id}")
-        result = labeling.export(tasks=[task_id])  # incremental: just that task
-        assert (result.tasks, result.deleted, result.loaded) == (0, 1, 0)
-        repos = DataRepos(stack)
-        before = repos.resolve(f"{result.commit.ref}^")
-        assert list(repos.diff(before, result.commit)) == [
-            ("removed", f"/tasks/{task_id}.json", ANY, None)
-        ]  # the task has no annotation left; the other tasks' files stay
-        with stack.connect() as conn:
-            latest = conn.execute(
-                "SELECT version, label, deleted, export_commit FROM label_rows "
-                "WHERE annotation_id = %s ORDER BY version DESC LIMIT 1",
-                [annotation_id],
-            ).fetchone()
-            current = conn.execute(
-                "SELECT count(*) FROM labels_current WHERE annotation_id = %s", [annotation_id]
-            ).fetchone()[0]
-        assert latest == (version + 1, label, True, result.commit.id)  # history keeps the label
-        assert current == 0
-        assert labeling.export().deleted == 0  # marked once
-        labeling.snapshot("after-delete")
-        assert annotation_id not in {
-            r["annotation_id"] for r in labeling.snapshot_rows("after-delete")
-        }
-    finally:
-        stack.supervisor.start(webhook_spec(stack))
+        waiting = (
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE 'INSERT INTO label_rows%'"
+        )
+        deadline = time.monotonic() + 90
+        with stack.connect(autocommit=True) as watcher:
+            while not (backend := watcher.execute(waiting).fetchone()):
+                assert export.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+            export.send_signal(signal.SIGKILL)
+            export.wait()
+            blocker.rollback()  # the lock goes; the orphaned backend finds its client gone
+            while watcher.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = %s", backend
+            ).fetchone():
+                time.sleep(0.2)
+    assert label_rows(stack, "annotation_id") == []
+    with stack.connect() as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM label_splits WHERE use_case = 'bbc_news'"
+        ).fetchone() == (0,)
+    result = labeling.export()
+    assert result.loaded == result.rows > 0
+
+
+def test_deleted_annotation_leaves_the_current_labels(quiet_lab):
+    stack, labeling, _ = quiet_lab
+    labeling.sync()
+    labeling.auto_annotate()
+    labeling.export()
+    *_, (task_id, annotation_id, version, label) = label_rows(
+        stack, "task_id", "annotation_id", "version", "label"
+    )
+    labeling.client.request("DELETE", f"/api/annotations/{annotation_id}")
+    result = labeling.export(tasks=[task_id])  # incremental: just that task
+    assert (result.tasks, result.deleted, result.loaded) == (0, 1, 0)
+    repos = DataRepos(stack)
+    before = repos.resolve(f"{result.commit.ref}^")
+    assert list(repos.diff(before, result.commit)) == [
+        ("removed", f"/tasks/{task_id}.json", ANY, None)
+    ]  # the task has no annotation left; the other tasks' files stay
+    with stack.connect() as conn:
+        latest = conn.execute(
+            "SELECT version, label, deleted, export_commit FROM label_rows "
+            "WHERE annotation_id = %s ORDER BY version DESC LIMIT 1",
+            [annotation_id],
+        ).fetchone()
+        current = conn.execute(
+            "SELECT count(*) FROM labels_current WHERE annotation_id = %s", [annotation_id]
+        ).fetchone()[0]
+    assert latest == (version + 1, label, True, result.commit.id)  # history keeps the label
+    assert current == 0
+    assert labeling.export().deleted == 0  # marked once
+    labeling.snapshot("after-delete")
+    assert annotation_id not in {r["annotation_id"] for r in labeling.snapshot_rows("after-delete")}
 
 
 def test_roles_keep_test_labels_from_scientists(lab):
@@ -493,7 +493,9 @@ def test_fashion_images_through_the_loop(lab, tmp_path):
 
 
 def test_cli(lab):
-    stack, _, _ = lab
+    stack, labeling, _ = lab
+    labeling.sync()
+    labeling.auto_annotate()
     folder = stack.settings.root
     assert "imported 0 new task(s)" in cdl("label", "sync", "bbc_news", cwd=folder).stdout
     exported = cdl("label", "export", "bbc_news", cwd=folder)
@@ -503,6 +505,10 @@ def test_cli(lab):
     assert created.returncode == 0, created.stderr
     shown = cdl("label", "snapshot", "show", "bbc_news", "cli-snap", cwd=folder)
     assert "train" in shown.stdout and "test" in shown.stdout
+    wrong_ref = cdl("label", "sync", "bbc_news", "--ref", "bbc-validate@deadbeef", cwd=folder)
+    assert wrong_ref.returncode == 1
+    assert "cannot label bbc-validate@deadbeef: no commit in bbc-validate" in wrong_ref.stderr
+    assert "'cdl data log bbc-validate' lists them" in wrong_ref.stderr
     unknown = cdl("label", "sync", "weather", cwd=folder)
     assert unknown.returncode == 1 and "no use case 'weather'" in unknown.stderr
 
@@ -654,6 +660,9 @@ def test_a_changed_labeling_config_updates_the_project(lab, tmp_path):
     """The labeling config is versioned in the use-case folder: a sync after it changes updates
     the Label Studio project, unless it drops a label the store uses."""
     stack, labeling, _ = lab
+    labeling.sync()
+    labeling.auto_annotate()
+    labeling.export()  # the store uses every label
     folder = tmp_path / "bbc_news"
     shutil.copytree(REPO / "use_cases" / "bbc_news", folder)
     config = folder / "labeling.xml"

@@ -282,6 +282,11 @@ class Labeling:
         try:
             commit = self.repos.resolve(ref or source.repo)
         except CDLError as exc:
+            if ref:
+                raise CDLError(
+                    f"cannot label {ref}: {exc.problem}",
+                    f"give a commit of {source.repo} ('cdl data log {source.repo}' lists them)",
+                ) from exc
             raise CDLError(
                 f"no validated data to label for {self.case.name}: {exc.problem}",
                 f"run the data pipeline in {self.case.folder / 'data'} first",
