@@ -121,10 +121,10 @@ def auto(
 @app.command()
 def export(ctx: typer.Context, name: str = USE_CASE) -> None:
     """Pull all annotations, commit the raw export to the labels repo (<use-case>-labels, one
-    JSON file per annotated task), and load new or changed annotations into the label store in one transaction; annotations
-    deleted in Label Studio get a version marked deleted and leave the current labels.
-    Annotations with no choice, several choices or a label outside the config, and tasks whose
-    file has left the dataset, are reported and not loaded."""
+    JSON file per annotated task), and load new or changed annotations into the label store in
+    one transaction; annotations deleted in Label Studio get a version marked deleted and leave
+    the current labels. Annotations with no choice, several choices or a label outside the
+    config, and tasks whose file has left the dataset, are reported and not loaded."""
     result = labeling(ctx, name).export()
     for problem in result.problems:
         err_console.print(f"skipped: {problem}", highlight=False)
