@@ -11,8 +11,10 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from unittest.mock import ANY
 
+import httpx
 import psycopg
 import pytest
 
@@ -444,6 +446,31 @@ def test_roles_keep_test_labels_from_scientists(lab):
         assert conn.execute("SELECT count(*) FROM labels_test").fetchone()[0] > 0
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT count(*) FROM label_rows")
+
+
+def test_admin_secrets_stay_off_the_command_line(project_factory):
+    """Label Studio takes its admin password and token from the environment: a password that
+    starts with '-' works, and neither secret shows in the process list or the run state."""
+    stack = project_factory()
+    server = LabelStudioServer(stack)
+    password = "-starts-with-a-dash"
+    server.password_file.parent.mkdir(parents=True)
+    server.password_file.write_text(password)
+    stack.up([server.spec])
+    assert server.client().projects() == []  # the token works
+    browser = httpx.Client(base_url=server.url, follow_redirects=True)
+    page = browser.get("/user/login")  # sets the CSRF cookie the form must send back
+    form = {
+        "email": "admin@cdl.local",
+        "password": password,
+        "csrfmiddlewaretoken": browser.cookies["csrftoken"],
+    }
+    signed_in = browser.post("/user/login", data=form, headers={"Referer": str(page.url)})
+    assert signed_in.url.path != "/user/login"  # a wrong password shows the form again
+    state = (stack.settings.home / "run" / "label-studio.json").read_text()
+    cmdline = Path(f"/proc/{stack.supervisor.pid('label-studio')}/cmdline").read_bytes()
+    for secret in (password, server.token):
+        assert secret not in state and secret.encode() not in cmdline
 
 
 def test_label_studio_down_is_a_clear_error():

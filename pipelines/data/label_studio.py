@@ -90,6 +90,11 @@ class LabelStudioServer:
             "POSTGRE_PORT": str(db.port or 5432),
             # Webhooks go to the stack's own receiver on 127.0.0.1.
             "SSRF_PROTECTION_ENABLED": "false",
+            # The admin user, made on the first start. In the environment, not the command line:
+            # other users see a command line, and a password starting with '-' breaks its parsing.
+            "LABEL_STUDIO_USERNAME": ADMIN_EMAIL,
+            "LABEL_STUDIO_PASSWORD": password,
+            "LABEL_STUDIO_USER_TOKEN": self.token,
         }
         argv = [
             str(self.executable),
@@ -101,12 +106,6 @@ class LabelStudioServer:
             str(port),
             "--data-dir",
             str(self.data_dir),
-            "--username",
-            ADMIN_EMAIL,
-            "--password",
-            password,
-            "--user-token",
-            self.token,
             "--enable-legacy-api-token",
         ]
         return ServiceSpec(
