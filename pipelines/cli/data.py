@@ -12,7 +12,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console, say, stop_on_signal
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import Invalid, Unsupported
 from pipelines.data import bbc, fashion, formats
 from pipelines.data.engine import PipelineEngine
 from pipelines.data.pachyderm import PachydermData
@@ -44,7 +44,7 @@ WAIT_HELP = "Run the jobs this triggers here, and wait for them (and those they 
 def repos(ctx: typer.Context) -> DataRepos:
     """The local engine's repos; commands that only it can serve stop here on Pachyderm."""
     if cli_context(ctx).settings.stack.data.engine != "local":
-        raise CDLError(
+        raise Unsupported(
             f"'cdl data {ctx.info_name}' needs the local data engine; this stack uses Pachyderm",
             "use pachctl for it, or select a stack with data.engine: local",
         )
@@ -228,7 +228,7 @@ def get(
         entries = data.files(commit, path)
         first = next(entries, None)
         if first is None or first.path != path:
-            raise CDLError(f"{commit.ref}:{path} is a folder or missing", "give --output FOLDER")
+            raise Invalid(f"{commit.ref}:{path} is a folder or missing", "give --output FOLDER")
         for chunk in data.store.read_chunks(first.sha256):
             sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()

@@ -9,7 +9,7 @@ import typer
 
 from pipelines.cli.context import cli_context, console, stop_on_signal
 from pipelines.core import events
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import Invalid, NotFound
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -58,11 +58,11 @@ def emit(
     try:
         data = json.loads(payload)
     except json.JSONDecodeError as exc:
-        raise CDLError(
+        raise Invalid(
             f"--payload is not valid JSON: {exc}", 'pass a JSON object, e.g. \'{"run": "abc"}\''
         ) from exc
     if not isinstance(data, dict):
-        raise CDLError("--payload must be a JSON object", "wrap the value in {...}")
+        raise Invalid("--payload must be a JSON object", "wrap the value in {...}")
     with cli_context(ctx).stack.connect() as conn:
         event = events.emit(conn, event_type, subject, data)
     console.print(event.line(), highlight=False, soft_wrap=True)
@@ -88,7 +88,7 @@ def wait(
         if subject is None or event.subject == subject:
             print(json.dumps(event.to_dict()), flush=True)
             return
-    raise CDLError(
+    raise NotFound(
         f"no event matching {', '.join(types)} within {timeout:g} s",
         "raise --timeout or check that the pipeline ran (cdl events tail)",
     )

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress
 from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console, say, stop_on_signal
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import Invalid
 from pipelines.data.labeling import (
     Labeling,
     file_predictor,
@@ -67,7 +67,7 @@ def sync(
     validated file that has none yet (each task keeps repo@commit:path in its meta),
     optionally with a model's predictions as pre-annotations."""
     if pre_annotate and predictions:
-        raise CDLError(
+        raise Invalid(
             "--pre-annotate and --predictions both give pre-annotations", "choose one of them"
         )
     stack = cli_context(ctx).stack

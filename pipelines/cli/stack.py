@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from pipelines.cli.context import cli_context, console
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import Invalid
 from pipelines.core.stack import ComponentStatus
 from pipelines.data.label_studio import LabelStudioServer
 from pipelines.data.labeling import webhook_spec
@@ -66,7 +66,7 @@ def up(
     stack = cli_context(ctx).stack
     unknown = [name for name in with_services if name not in OPTIONAL]
     if unknown:
-        raise CDLError(
+        raise Invalid(
             f"no optional service {', '.join(unknown)}", f"choose from {', '.join(OPTIONAL)}"
         )
     with console.status("bringing the stack up"):

@@ -26,7 +26,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from pipelines.core.config import Subscriber
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import Invalid
 
 CHANNEL = "cdl_events"
 POLL_S = 5.0  # fallback poll, in case a notification is missed (e.g. across a reconnect)
@@ -87,7 +87,7 @@ def emit(
             [type, subject, Jsonb(payload or {})],
         ).fetchone()
     except psycopg.errors.CheckViolation as exc:
-        raise CDLError(
+        raise Invalid(
             f"invalid event type {type!r}",
             "use dotted lower-case words, e.g. model.training.finished",
         ) from exc

@@ -15,7 +15,7 @@ from enum import Enum
 import psycopg
 from psycopg.types.json import Jsonb
 
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import Invalid, NotFound
 
 
 class Kind(str, Enum):
@@ -65,7 +65,7 @@ def record_node(conn: psycopg.Connection, kind: Kind | str, key: str, **attribut
     """Create the node, or merge `attributes` into an existing one; return its id."""
     kind = Kind(kind)
     if not key:
-        raise CDLError(f"a {kind.value} lineage node needs a non-empty key")
+        raise Invalid(f"a {kind.value} lineage node needs a non-empty key")
     nid = node_id(kind, key)
     conn.execute(
         """INSERT INTO lineage_nodes (id, kind, key, attributes) VALUES (%s, %s, %s, %s)
@@ -79,7 +79,7 @@ def record_node(conn: psycopg.Connection, kind: Kind | str, key: str, **attribut
 def record_edge(conn: psycopg.Connection, upstream: str, downstream: str, relation: Relation | str):
     relation = Relation(relation)
     if upstream == downstream:
-        raise CDLError(f"a lineage node cannot depend on itself: {upstream}")
+        raise Invalid(f"a lineage node cannot depend on itself: {upstream}")
     try:
         conn.execute(
             """INSERT INTO lineage_edges (upstream, downstream, relation) VALUES (%s, %s, %s)
@@ -87,7 +87,7 @@ def record_edge(conn: psycopg.Connection, upstream: str, downstream: str, relati
             [upstream, downstream, relation.value],
         )
     except psycopg.errors.ForeignKeyViolation as exc:
-        raise CDLError(
+        raise Invalid(
             f"lineage edge {upstream} -> {downstream} names an unknown node",
             "record both nodes before the edge",
         ) from exc
@@ -137,7 +137,7 @@ def tree(conn: psycopg.Connection, nid: str, direction: str = "upstream", depth:
     if root is None:
         near = similar_ids(conn, nid)
         hint = f"did you mean: {', '.join(near)}" if near else "ids look like 'model_version:bbc/3'"
-        raise CDLError(f"no lineage node '{nid}'", hint)
+        raise NotFound(f"no lineage node '{nid}'", hint)
     near_col, far_col = (
         ("downstream", "upstream") if direction == "upstream" else ("upstream", "downstream")
     )

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import Unavailable, Unsupported
 
 CHUNK = 1 << 20
 SMALL = 1 << 20  # read in one go below this size
@@ -129,7 +129,7 @@ class S3ObjectStore(_ObjectStore):
             import boto3
             from botocore.exceptions import BotoCoreError, ClientError
         except ImportError as exc:
-            raise CDLError(
+            raise Unsupported(
                 "the S3 object store needs boto3", "pip install 'cdl[s3]' in the platform venv"
             ) from exc
         self.bucket = bucket
@@ -142,11 +142,11 @@ class S3ObjectStore(_ObjectStore):
         name = f"{sha256[:2]}/{sha256[2:]}"
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def _fail(self, what: str, exc: Exception) -> CDLError:
+    def _fail(self, what: str, exc: Exception) -> Unavailable:
         where = f"s3://{self.bucket}/{self.prefix}" + (
             f" at {self.endpoint_url}" if self.endpoint_url else ""
         )
-        return CDLError(
+        return Unavailable(
             f"object store {where}: {what} failed: {exc}",
             "check object_store settings and the AWS credentials in the environment",
         )

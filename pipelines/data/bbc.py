@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import Invalid
 
 CLASSES = ("business", "entertainment", "politics", "sport", "tech")
 
@@ -73,12 +73,12 @@ def load(root: Path) -> LoadResult:
     """Read a corpus in the raw BBC layout. Files that are not `.txt`, not UTF-8 or have no body
     are rejected with a reason, never dropped silently; folders that are not classes are errors."""
     if not root.is_dir():
-        raise CDLError(
+        raise Invalid(
             f"{root} is not a folder", "point to the folder holding business/, sport/, ..."
         )
     unknown = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in CLASSES)
     if unknown:
-        raise CDLError(
+        raise Invalid(
             f"{root} has folders that are not BBC classes: {', '.join(unknown)}",
             f"the classes are {', '.join(CLASSES)}",
         )
@@ -101,7 +101,7 @@ def load(root: Path) -> LoadResult:
                 continue
             result.articles.append(Article(path, label, title, body))
     if not result.articles and not result.rejected:
-        raise CDLError(f"{root} holds no articles", "expected <class>/<number>.txt files")
+        raise Invalid(f"{root} holds no articles", "expected <class>/<number>.txt files")
     return result
 
 
@@ -136,9 +136,9 @@ def generate(out: Path, docs: int, seed: int = 0, dirty: bool = True) -> dict[st
     extension, and exact duplicates of clean articles.
     """
     if docs < len(CLASSES):
-        raise CDLError(f"--docs {docs} is too few", f"ask for at least {len(CLASSES)}")
+        raise Invalid(f"--docs {docs} is too few", f"ask for at least {len(CLASSES)}")
     if out.exists() and any(out.iterdir()):
-        raise CDLError(f"{out} is not empty", "give a new or empty folder")
+        raise Invalid(f"{out} is not empty", "give a new or empty folder")
     rng = random.Random(seed)
     shares = {"business": 510, "entertainment": 386, "politics": 417, "sport": 511, "tech": 401}
     total = sum(shares.values())

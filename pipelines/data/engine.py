@@ -39,7 +39,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pipelines.core import events, lineage
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import AlreadyExists, CDLError, Invalid, NotFound, Unavailable
 from pipelines.core.stack import Stack
 from pipelines.data.datums import Datum, datums
 from pipelines.data.repos import Commit, DataRepos, FileEntry
@@ -118,12 +118,12 @@ class PipelineEngine:
                 "SELECT version, salt FROM pipelines WHERE name = %s", [spec.name]
             ).fetchone()
             if existing and not update:
-                raise CDLError(
+                raise AlreadyExists(
                     f"pipeline '{spec.name}' already exists",
                     f"use 'cdl data pipeline update -f {spec_path}'",
                 )
             if not existing and update:
-                raise CDLError(
+                raise NotFound(
                     f"no pipeline '{spec.name}' to update",
                     f"use 'cdl data pipeline create -f {spec_path}'",
                 )
@@ -131,7 +131,7 @@ class PipelineEngine:
                 "SELECT 1 FROM data_repos WHERE name = %s", [spec.name]
             ).fetchone()
             if repo_exists and not existing:
-                raise CDLError(
+                raise AlreadyExists(
                     f"repo '{spec.name}' already exists; a pipeline's output repo takes its name",
                     "rename the pipeline or delete that repo",
                 )
@@ -169,7 +169,7 @@ class PipelineEngine:
             row = cur.execute("SELECT * FROM pipelines WHERE name = %s", [name]).fetchone()
         if row is None:
             known = [r[0] for r in conn.execute("SELECT name FROM pipelines ORDER BY name")]
-            raise CDLError(
+            raise NotFound(
                 f"no pipeline '{name}'" + (f" (pipelines: {', '.join(known)})" if known else ""),
                 "see 'cdl data pipeline list'",
             )
@@ -204,7 +204,7 @@ class PipelineEngine:
                 )
             ]
             if readers and not keep_repo:
-                raise CDLError(
+                raise Invalid(
                     f"pipelines {', '.join(readers)} read the output of '{name}'",
                     "delete them first, or pass --keep-repo",
                 )
@@ -286,7 +286,7 @@ class PipelineEngine:
                     ran = True
             if not ran:
                 if time.monotonic() > deadline:
-                    raise CDLError(f"pipelines still running after {timeout_s:.0f} s")
+                    raise Unavailable(f"pipelines still running after {timeout_s:.0f} s")
                 time.sleep(0.3)
 
     def run_job(self, name: str, progress: Callable[[str], None] | None = None) -> Job | None:
@@ -512,7 +512,7 @@ class PipelineEngine:
             for name in sorted(names):
                 path = Path(folder) / name
                 if path.is_symlink() or not path.is_file():
-                    raise CDLError(f"/pfs/out/{path.relative_to(out)} is not a regular file")
+                    raise Invalid(f"/pfs/out/{path.relative_to(out)} is not a regular file")
                 sha256, size = self.store.put_file(path)
                 outputs.append(("/" + str(path.relative_to(out)), sha256, size))
             dirs.sort()
@@ -541,7 +541,7 @@ class PipelineEngine:
         for result in results:
             for path, sha256, size in result.outputs:
                 if path in merged and merged[path][0] != sha256:
-                    raise CDLError(
+                    raise Invalid(
                         f"datums {json.dumps(merged[path][2])} and "
                         f"{json.dumps(result.datum.describe())} both wrote {path}",
                         "write each output path from one datum only",
@@ -578,7 +578,7 @@ class PipelineEngine:
                 "SELECT * FROM pipeline_jobs WHERE id LIKE %s LIMIT 2", [job_id + "%"]
             ).fetchall()
         if len(rows) != 1:
-            raise CDLError(
+            raise NotFound(
                 f"{'no job' if not rows else 'more than one job'} starts with '{job_id}'",
                 "see 'cdl data job list'",
             )

@@ -14,7 +14,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import Invalid, NotFound
 
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = (
@@ -40,7 +40,7 @@ def _find(source: Path, split: str, kind: str) -> Path:
     for name in (f"{split}-{kind}-ubyte.gz", f"{split}-{kind}-ubyte"):
         if (source / name).is_file():
             return source / name
-    raise CDLError(
+    raise NotFound(
         f"{source} has no {split}-{kind}-ubyte[.gz]",
         "install dataset-fashion-mnist or point --source to the IDX files",
     )
@@ -49,7 +49,7 @@ def _find(source: Path, split: str, kind: str) -> Path:
 def read_header(fh: BinaryIO, path: Path, expected_dims: int) -> tuple[int, ...]:
     head = fh.read(4)
     if len(head) < 4 or head[:2] != b"\0\0" or head[2] != 0x08 or head[3] != expected_dims:
-        raise CDLError(
+        raise Invalid(
             f"{path} is not an IDX file of unsigned bytes with {expected_dims} "
             f"dimension(s) (header {head.hex()})",
             "check the file",
@@ -62,7 +62,7 @@ def read(
 ) -> Iterator[tuple[int, int, bytes, int, int]]:
     """(index, label, pixels, width, height) for each image, read image by image."""
     if split not in SPLITS:
-        raise CDLError(f"unknown split '{split}'", f"use one of {', '.join(SPLITS)}")
+        raise Invalid(f"unknown split '{split}'", f"use one of {', '.join(SPLITS)}")
     images_path, labels_path = (
         _find(source, split, "images-idx3"),
         _find(source, split, "labels-idx1"),
@@ -71,7 +71,7 @@ def read(
         count, height, width = read_header(images, images_path, 3)
         (label_count,) = read_header(labels, labels_path, 1)
         if count != label_count:
-            raise CDLError(
+            raise Invalid(
                 f"{images_path.name} has {count} images but {labels_path.name} "
                 f"{label_count} labels",
                 "use files of the same split",
@@ -80,12 +80,12 @@ def read(
         for index in range(min(count, limit) if limit else count):
             pixels, label = images.read(size), labels.read(1)
             if len(pixels) < size or not label:
-                raise CDLError(
+                raise Invalid(
                     f"{images_path.name} ends at image {index} of {count}",
                     "the file is truncated; reinstall it",
                 )
             if label[0] >= len(CLASSES):
-                raise CDLError(
+                raise Invalid(
                     f"{labels_path.name}: label {label[0]} of image {index} is not "
                     "a Fashion-MNIST class (0-9)"
                 )

@@ -20,7 +20,7 @@ from typing import BinaryIO, Callable
 
 from psycopg.types.json import Jsonb
 
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import CDLError, Invalid, NotFound
 from pipelines.data.repos import Commit, DataRepos, FileEntry, normalize_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -284,10 +284,10 @@ def compute(
     prefix = normalize_path(prefix)
     files = CommitFiles(repos, commit, prefix)
     if not files.entries:
-        raise CDLError(f"{commit.ref}:{prefix} holds no files", "check the ref and the path")
+        raise NotFound(f"{commit.ref}:{prefix} holds no files", "check the ref and the path")
     fmt = fmt or detect(files)
     if fmt not in FORMATS:
-        raise CDLError(f"unknown format '{fmt}'", f"use one of {', '.join(FORMATS)}")
+        raise Invalid(f"unknown format '{fmt}'", f"use one of {', '.join(FORMATS)}")
     stats = csv_rows(files, label_column) if fmt == "csv" else FORMATS[fmt](files)
     with repos.connect() as conn:
         conn.execute(

@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from pipelines.core.errors import CDLError, StackError
+from pipelines.core.errors import Invalid, StackError, Unavailable
 from pipelines.core.postgres import free_port, port_is_free
 from pipelines.core.services import ServiceSpec
 from pipelines.core.stack import Stack
@@ -150,7 +150,7 @@ class LabelStudioClient:
                 response = self.http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 if attempt == self.retries:
-                    raise CDLError(
+                    raise Unavailable(
                         f"Label Studio at {self.url} does not answer ({method} {path}: "
                         f"{type(exc).__name__}) after {attempt + 1} tries",
                         "run 'cdl stack up --with label-studio' and check "
@@ -162,7 +162,7 @@ class LabelStudioClient:
                 time.sleep(self.backoff_s * 2**attempt)
                 continue
             if response.status_code >= 400:
-                raise CDLError(
+                raise Invalid(
                     f"Label Studio refused {method} {path}: HTTP "
                     f"{response.status_code} {response.text[:300]}"
                 )

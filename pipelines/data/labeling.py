@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.core import lineage
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import AlreadyExists, CDLError, Invalid, NotFound, Unavailable
 from pipelines.core.postgres import free_port
 from pipelines.core.services import ServiceSpec
 from pipelines.core.stack import Stack
@@ -69,7 +69,7 @@ class UseCase:
         for choices in root.iter("Choices"):
             if choices.get("name") == self.spec.choices:
                 return [c.get("value") for c in choices.iter("Choice")]
-        raise CDLError(
+        raise Invalid(
             f'{self.folder / self.spec.label_config} has no <Choices name="{self.spec.choices}">',
             "fix 'choices' in labeling.yaml",
         )
@@ -84,13 +84,13 @@ def use_case(name: str, root: Path = USE_CASES) -> UseCase:
     spec_file = folder / "labeling.yaml"
     if not spec_file.is_file():
         known = sorted(p.parent.name for p in root.glob("*/labeling.yaml"))
-        raise CDLError(
+        raise NotFound(
             f"no use case '{name}' with a labeling.yaml", f"use one of: {', '.join(known)}"
         )
     try:
         spec = LabelingSpec.model_validate(yaml.safe_load(spec_file.read_text()))
     except (ValidationError, yaml.YAMLError) as exc:
-        raise CDLError(f"{spec_file}: {exc}", "fix the file") from exc
+        raise Invalid(f"{spec_file}: {exc}", "fix the file") from exc
     return UseCase(name, folder, spec)
 
 
@@ -107,7 +107,7 @@ def file_predictor(path: Path) -> Predictor:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise CDLError(
+        raise Invalid(
             f"cannot read predictions {path}: {exc}", "give a UTF-8 JSON-lines file"
         ) from exc
     for number, line in enumerate(lines, 1):
@@ -121,7 +121,7 @@ def file_predictor(path: Path) -> Predictor:
                 "model": item.get("model", "unknown"),
             }
         except (ValueError, KeyError, TypeError) as exc:
-            raise CDLError(
+            raise Invalid(
                 f"{path} line {number}: not a prediction ({exc})",
                 'write {"path": ..., "label": ..., "score": ...} per line',
             ) from exc
@@ -200,7 +200,7 @@ class Labeling:
             ).fetchall()
         if used:
             dropped = ", ".join(f"'{label}' ({count} label(s))" for label, count in used)
-            raise CDLError(
+            raise Invalid(
                 f"{self.case.folder / self.case.spec.label_config} drops labels the label store "
                 f"uses: {dropped}",
                 "keep them in the config, or relabel those tasks in Label Studio and export "
@@ -235,7 +235,7 @@ class Labeling:
         if not found:
             return []
         if found["label"] not in self.case.labels:
-            raise CDLError(
+            raise Invalid(
                 f"prediction of {found.get('model', 'unknown')} for {path}: label "
                 f"'{found['label']}' is not in the labeling config",
                 "predict one of " + ", ".join(self.case.labels),
@@ -281,13 +281,13 @@ class Labeling:
         self._register_webhook(project_id)
         try:
             commit = self.repos.resolve(ref or source.repo)
-        except CDLError as exc:
+        except NotFound as exc:
             if ref:
-                raise CDLError(
+                raise NotFound(
                     f"cannot label {ref}: {exc.problem}",
                     f"give a commit of {source.repo} ('cdl data log {source.repo}' lists them)",
                 ) from exc
-            raise CDLError(
+            raise NotFound(
                 f"no validated data to label for {self.case.name}: {exc.problem}",
                 f"run the data pipeline in {self.case.folder / 'data'} first",
             ) from exc
@@ -324,7 +324,7 @@ class Labeling:
             )
             ids = reply.get("task_ids") or []
             if len(ids) != len(batch):
-                raise CDLError(
+                raise Unavailable(
                     f"Label Studio returned {len(ids)} task ids for {len(batch)} imported tasks",
                     "re-run the sync: imported files are skipped",
                 )
@@ -433,7 +433,7 @@ class Labeling:
                 exported = json.loads(raw)
                 ids = [t["id"] for t in exported]
             except (ValueError, TypeError, KeyError) as exc:
-                raise CDLError(
+                raise Invalid(
                     f"Label Studio's export of project {project_id} is not a JSON list of "
                     f"tasks: {exc}",
                     "retry the export",
@@ -454,7 +454,7 @@ class Labeling:
         if repo not in {r["name"] for r in self.repos.list_repos()}:
             try:
                 self.repos.create_repo(repo, f"raw Label Studio exports of {self.case.name}")
-            except CDLError:
+            except AlreadyExists:
                 pass  # created concurrently
         what = "export" if scope is None else f"incremental export ({len(scope)} task(s))"
         with self.repos.writer(
@@ -627,7 +627,7 @@ class Labeling:
     def snapshot(self, name: str) -> int:
         """Freeze the current labels as snapshot `name`; return its row count."""
         if not re.fullmatch(r"[a-zA-Z0-9_.-]{1,63}", name):
-            raise CDLError(
+            raise Invalid(
                 f"'{name}' is not a valid snapshot name", "use letters, digits, '.', '-' or '_'"
             )
         with self.stack.connect() as conn, conn.transaction():
@@ -636,7 +636,7 @@ class Labeling:
                 [self.case.name, name],
             ).fetchone()
             if exists:
-                raise CDLError(
+                raise AlreadyExists(
                     f"snapshot {self.case.name}/{name} already exists",
                     "snapshots are immutable: pick a new name",
                 )
@@ -644,7 +644,7 @@ class Labeling:
                 "SELECT count(*) FROM labels_current WHERE use_case = %s", [self.case.name]
             ).fetchone()[0]
             if not count:
-                raise CDLError(
+                raise NotFound(
                     f"no labels for {self.case.name} yet",
                     f"run 'cdl label export {self.case.name}' first",
                 )

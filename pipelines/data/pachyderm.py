@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import Invalid, Unavailable, Unsupported
 from pipelines.data.repos import normalize_path, scan_sources
 from pipelines.data.spec import PipelineSpec, parse_duration
 
@@ -27,7 +27,7 @@ def _sdk():
         import pachyderm_sdk
         from pachyderm_sdk.api import pfs, pps
     except ImportError as exc:  # the extra is optional
-        raise CDLError(
+        raise Unsupported(
             "the Pachyderm engine needs the pachyderm-sdk package",
             "pip install 'cdl[pachyderm]' in the platform venv",
         ) from exc
@@ -78,14 +78,14 @@ class PachydermData:
         try:
             self.client = sdk.Client.from_pachd_address(address)
         except ValueError as exc:
-            raise CDLError(
+            raise Invalid(
                 f"data.pachd_address {address!r}: {exc}", "write it as grpc://HOST:30650"
             ) from exc
 
     def _call(self, what: str, fn, *args, **kwargs):
         import grpc
 
-        unreachable = CDLError(
+        unreachable = Unavailable(
             f"cannot reach pachd at {self.address} ({what})",
             "check data.pachd_address / CDL_DATA__PACHD_ADDRESS, or port-forward pachd",
         )
@@ -100,7 +100,7 @@ class PachydermData:
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise unreachable from exc
             details = exc.details() if hasattr(exc, "details") else str(exc)
-            raise CDLError(f"pachd refused {what}: {details}") from exc
+            raise Invalid(f"pachd refused {what}: {details}") from exc
 
     def check(self) -> str:
         """The pachd version, or a clear error when it cannot be reached."""
@@ -129,7 +129,7 @@ class PachydermData:
         """Put files in one commit (scanned as the local engine scans them); return its id."""
         scan = scan_sources(sources, dest)
         if not scan.files:
-            raise CDLError("nothing to put", "check the paths")
+            raise Invalid("nothing to put", "check the paths")
         target = self.pfs.Branch.from_uri(f"{repo}@{branch}")
 
         def upload() -> str:

@@ -29,7 +29,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from pipelines.core import events, lineage
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import AlreadyExists, Invalid, NotFound
 from pipelines.core.objects import object_store_for
 from pipelines.core.stack import Stack
 
@@ -87,12 +87,12 @@ class Ref:
         stripped = name.rstrip("^")
         parents = len(name) - len(stripped)
         if not REPO_NAME.match(repo):
-            raise CDLError(
+            raise Invalid(
                 f"'{text}': '{repo}' is not a repo name",
                 "use REPO, REPO@BRANCH or REPO@COMMIT, optionally followed by :PATH",
             )
         if name and not stripped:
-            raise CDLError(f"'{text}': '^' must follow a branch or commit", "e.g. images@master^")
+            raise Invalid(f"'{text}': '^' must follow a branch or commit", "e.g. images@master^")
         return cls(repo, stripped or None, parents, normalize_path(path) if path else None)
 
     def __str__(self) -> str:
@@ -103,10 +103,10 @@ class Ref:
 def normalize_path(path: str) -> str:
     """'a/b/' -> '/a/b'; refuses '..' and names that are not portable."""
     if "\n" in path or "\r" in path or "\0" in path:
-        raise CDLError(f"file path {path!r} contains a line break or NUL", "rename the file")
+        raise Invalid(f"file path {path!r} contains a line break or NUL", "rename the file")
     parts = [p for p in PurePosixPath("/" + path).parts[1:] if p not in ("", ".")]
     if ".." in parts:
-        raise CDLError(f"file path {path!r} leaves the repo with '..'", "use a path inside it")
+        raise Invalid(f"file path {path!r} leaves the repo with '..'", "use a path inside it")
     return "/" + "/".join(parts)
 
 
@@ -136,7 +136,7 @@ def scan_sources(sources: list[Path], dest: str = "/") -> ScanResult:
         try:
             str(path).encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise CDLError(
+            raise Invalid(
                 f"file name {os.fsencode(path)!r} is not valid UTF-8", "rename the file"
             ) from exc
 
@@ -144,7 +144,7 @@ def scan_sources(sources: list[Path], dest: str = "/") -> ScanResult:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
-            raise CDLError(
+            raise Invalid(
                 f"cannot read folder {folder}: {exc.strerror}", "fix its permissions"
             ) from exc
         for entry in entries:
@@ -164,7 +164,7 @@ def scan_sources(sources: list[Path], dest: str = "/") -> ScanResult:
         try:
             mode = os.lstat(source).st_mode
         except OSError as exc:
-            raise CDLError(f"cannot read {source}: {exc.strerror}", "check the path") from exc
+            raise Invalid(f"cannot read {source}: {exc.strerror}", "check the path") from exc
         if stat.S_ISLNK(mode):
             result.skipped.append((source, "symbolic link"))
         elif stat.S_ISDIR(mode):
@@ -177,7 +177,7 @@ def scan_sources(sources: list[Path], dest: str = "/") -> ScanResult:
     seen: dict[str, Path] = {}
     for source, path in result.files:
         if path in seen:
-            raise CDLError(
+            raise Invalid(
                 f"{seen[path]} and {source} would both be stored as {path}",
                 "put them in separate commits or use different --path destinations",
             )
@@ -198,7 +198,7 @@ class CommitWriter:
 
     def _add(self, path: str, sha256: str, size: int) -> None:
         if path in self._paths:
-            raise CDLError(f"{path} was written twice in commit {self.commit.ref}")
+            raise Invalid(f"{path} was written twice in commit {self.commit.ref}")
         self._paths.add(path)
         self._rows.append((path, sha256, size))
         if len(self._rows) >= COPY_BATCH:
@@ -208,7 +208,7 @@ class CommitWriter:
         try:
             sha256, size = self.repos.store.put_file(source)
         except OSError as exc:
-            raise CDLError(
+            raise Invalid(
                 f"cannot read {source}: {exc.strerror or exc}", "fix the file or leave it out"
             ) from exc
         self._add(normalize_path(path), sha256, size)
@@ -245,7 +245,7 @@ class DataRepos:
 
     def create_repo(self, name: str, description: str = "") -> None:
         if not REPO_NAME.match(name):
-            raise CDLError(
+            raise Invalid(
                 f"'{name}' is not a valid repo name",
                 "use 1-63 letters, digits, '-' or '_'",
             )
@@ -256,7 +256,7 @@ class DataRepos:
                     [name, description],
                 )
             except psycopg.errors.UniqueViolation as exc:
-                raise CDLError(f"repo '{name}' already exists", "pick another name") from exc
+                raise AlreadyExists(f"repo '{name}' already exists", "pick another name") from exc
             conn.execute(
                 "INSERT INTO data_branches (repo, name) VALUES (%s, %s)", [name, DEFAULT_BRANCH]
             )
@@ -264,7 +264,7 @@ class DataRepos:
     def require_repo(self, conn: psycopg.Connection, name: str) -> None:
         if not conn.execute("SELECT 1 FROM data_repos WHERE name = %s", [name]).fetchone():
             known = [r[0] for r in conn.execute("SELECT name FROM data_repos ORDER BY name")]
-            raise CDLError(
+            raise NotFound(
                 f"no repo '{name}'" + (f" (repos: {', '.join(known)})" if known else ""),
                 f"create it with 'cdl data repo create {name}'",
             )
@@ -298,7 +298,7 @@ class DataRepos:
             ).fetchall()
             if downstream:
                 names = ", ".join(r[0] for r in downstream)
-                raise CDLError(
+                raise Invalid(
                     f"repo '{name}' has commits that {names} were computed from",
                     f"delete {names} first",
                 )
@@ -314,19 +314,19 @@ class DataRepos:
 
     def create_branch(self, repo: str, name: str, source: Ref | None = None) -> Commit | None:
         if not BRANCH_NAME.match(name):
-            raise CDLError(f"'{name}' is not a valid branch name", "use letters, digits, . - _")
+            raise Invalid(f"'{name}' is not a valid branch name", "use letters, digits, . - _")
         with self.connect() as conn, conn.transaction():
             self.require_repo(conn, repo)
             head = self._resolve(conn, source) if source else None
             if head and head.repo != repo:
-                raise CDLError(f"{source} is not in repo '{repo}'", "branch from a commit of it")
+                raise Invalid(f"{source} is not in repo '{repo}'", "branch from a commit of it")
             try:
                 conn.execute(
                     "INSERT INTO data_branches (repo, name, head) VALUES (%s, %s, %s)",
                     [repo, name, head.id if head else None],
                 )
             except psycopg.errors.UniqueViolation as exc:
-                raise CDLError(f"branch {repo}@{name} already exists") from exc
+                raise AlreadyExists(f"branch {repo}@{name} already exists") from exc
             return head
 
     def delete_branch(self, repo: str, name: str) -> None:
@@ -335,7 +335,7 @@ class DataRepos:
                 "DELETE FROM data_branches WHERE repo = %s AND name = %s", [repo, name]
             )
             if done.rowcount == 0:
-                raise CDLError(f"no branch {repo}@{name}", f"see 'cdl data branch {repo}'")
+                raise NotFound(f"no branch {repo}@{name}", f"see 'cdl data branch {repo}'")
 
     # -- commits -------------------------------------------------------------------------
 
@@ -352,11 +352,11 @@ class DataRepos:
         ).fetchone()
         if row is not None:
             if row[0] is None:
-                raise CDLError(f"branch {ref.repo}@{name} has no commits yet", "put files first")
+                raise NotFound(f"branch {ref.repo}@{name} has no commits yet", "put files first")
             commit = self.commit_by_id(conn, row[0])
         else:
             if not re.fullmatch(r"[0-9a-f]{6,32}", name):
-                raise CDLError(
+                raise NotFound(
                     f"{ref.repo} has no branch '{name}'",
                     f"see 'cdl data branch {ref.repo}', or give a commit id (6+ hex digits)",
                 )
@@ -366,13 +366,13 @@ class DataRepos:
             ).fetchall()
             if len(ids) != 1:
                 problem = "no commit" if not ids else "more than one commit"
-                raise CDLError(
+                raise NotFound(
                     f"{problem} in {ref.repo} starts with '{name}'", "give more of the commit id"
                 )
             commit = self.commit_by_id(conn, ids[0][0])
         for _ in range(ref.parents):
             if commit.parent is None:
-                raise CDLError(f"{ref} goes past the first commit of {ref.repo}")
+                raise NotFound(f"{ref} goes past the first commit of {ref.repo}")
             commit = self.commit_by_id(conn, commit.parent)
         return commit
 
@@ -381,7 +381,7 @@ class DataRepos:
         with self.connect() as conn:
             commit = self._resolve(conn, ref)
         if commit.state != "finished":
-            raise CDLError(
+            raise Invalid(
                 f"commit {commit.ref} is still open", "wait for it to finish, or 'cdl data clean'"
             )
         return commit
@@ -398,7 +398,7 @@ class DataRepos:
             if not conn.execute(
                 "SELECT 1 FROM data_branches WHERE repo = %s AND name = %s", [repo, branch]
             ).fetchone():
-                raise CDLError(f"{repo} has no branch '{branch}'", f"see 'cdl data branch {repo}'")
+                raise NotFound(f"{repo} has no branch '{branch}'", f"see 'cdl data branch {repo}'")
             return cur.execute(
                 """WITH RECURSIVE chain AS (
                        SELECT c.*, 1 AS n FROM data_commits c
@@ -446,7 +446,7 @@ class DataRepos:
         without, the commit holds exactly what was written (a pipeline's output).
         """
         if not BRANCH_NAME.match(branch):
-            raise CDLError(f"'{branch}' is not a valid branch name", "use letters, digits, . - _")
+            raise Invalid(f"'{branch}' is not a valid branch name", "use letters, digits, . - _")
         with self.connect() as conn:
             self.require_repo(conn, repo)
             self._lock_branch(conn, repo, branch, on_wait)
@@ -590,10 +590,10 @@ class DataRepos:
         """Store files and folders in a new commit on `target` (a branch); return it and the scan
         (what was skipped and why)."""
         if target.parents or target.path:
-            raise CDLError(f"put needs REPO@BRANCH, got '{target}'", "drop the ^ and :path parts")
+            raise Invalid(f"put needs REPO@BRANCH, got '{target}'", "drop the ^ and :path parts")
         scan = scan_sources(sources, dest)
         if not scan.files:
-            raise CDLError(
+            raise Invalid(
                 f"nothing to put: {', '.join(map(str, sources))} holds no regular files",
                 "check the paths (empty folders are not stored)",
             )
@@ -619,7 +619,7 @@ class DataRepos:
         for path in paths:
             found = [entry.path for entry in self.files(head, path)]
             if not found:
-                raise CDLError(
+                raise NotFound(
                     f"{head.ref} has no file or folder {normalize_path(path)}", "see 'cdl data ls'"
                 )
             doomed += found
@@ -666,7 +666,7 @@ class DataRepos:
                 ).fetchone()
                 if single:
                     return [(prefix.rsplit("/", 1)[1], "file", single[0], 1)]
-                raise CDLError(f"{commit.ref} has no file or folder {prefix}")
+                raise NotFound(f"{commit.ref} has no file or folder {prefix}")
         return [(name, "dir" if d else "file", size, n) for name, d, size, n in rows]
 
     def diff(self, old: Commit, new: Commit) -> Iterator[tuple[str, str, int | None, int | None]]:
@@ -702,5 +702,5 @@ class DataRepos:
             partial.replace(target)
             written += 1
         if not written:
-            raise CDLError(f"{commit.ref} has no file or folder {path}", "see 'cdl data ls'")
+            raise NotFound(f"{commit.ref} has no file or folder {path}", "see 'cdl data ls'")
         return written

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import Invalid
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,63}$")
 
@@ -202,17 +202,17 @@ def load_spec(path: Path) -> PipelineSpec:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise CDLError(f"cannot read pipeline spec {path}: {exc}", "check the -f path") from exc
+        raise Invalid(f"cannot read pipeline spec {path}: {exc}", "check the -f path") from exc
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise CDLError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
+        raise Invalid(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
     return parse_spec(data, str(path))
 
 
 def parse_spec(data: Any, source: str = "spec") -> PipelineSpec:
     if not isinstance(data, dict):
-        raise CDLError(
+        raise Invalid(
             f"{source}: a pipeline spec is a mapping with 'pipeline', 'transform', 'input'"
         )
     try:
@@ -223,4 +223,4 @@ def parse_spec(data: Any, source: str = "spec") -> PipelineSpec:
             field = ".".join(str(p) for p in err["loc"]) or "(top level)"
             message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{field}: {message.removeprefix('Value error, ')}")
-        raise CDLError(f"{source}: " + "; ".join(problems), "fix the spec") from exc
+        raise Invalid(f"{source}: " + "; ".join(problems), "fix the spec") from exc

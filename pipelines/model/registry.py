@@ -18,7 +18,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.core.errors import CDLError
+from pipelines.core.errors import CDLError, Invalid, Unavailable
 from pipelines.core.stack import Stack
 from pipelines.model import tracking
 
@@ -43,7 +43,7 @@ def model_inputs(task: str, blobs: list[bytes]) -> Any:
     arrays = [np.asarray(Image.open(io.BytesIO(b))) for b in blobs]
     shapes = sorted({a.shape for a in arrays})
     if len(shapes) > 1:
-        raise CDLError(
+        raise Invalid(
             f"images of different shapes {shapes} cannot be scored in one batch",
             "validate the images to one shape first (the use case's validate step)",
         )
@@ -73,11 +73,11 @@ class RegisteredModel:
         except CDLError:
             raise
         except Exception as exc:
-            raise CDLError(
+            raise Invalid(
                 f"model {self.ref} failed to predict: {type(exc).__name__}: {exc}", CONTRACT
             ) from exc
         if "label" not in answer.columns or len(answer) != len(blobs):
-            raise CDLError(
+            raise Invalid(
                 f"model {self.ref} answered {len(answer)} row(s) with columns "
                 f"{list(answer.columns)} for {len(blobs)} input(s)",
                 CONTRACT,
@@ -113,7 +113,7 @@ class Registry:
         try:
             model = mlflow.pyfunc.load_model(f"models:/{name}/{found.version}")
         except Exception as exc:
-            raise CDLError(
+            raise Unavailable(
                 f"cannot load model {name}/{found.version} ({name}@{alias}): {exc}",
                 "check the version's artifacts in MLflow, or move the alias to another version",
             ) from exc
