@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.core import lineage
-from pipelines.core.errors import AlreadyExists, CDLError, Invalid, NotFound, Unavailable
+from pipelines.core.errors import AlreadyExists, Invalid, NotFound, Unavailable
 from pipelines.core.postgres import free_port
 from pipelines.core.services import ServiceSpec
 from pipelines.core.stack import Stack
