@@ -21,8 +21,7 @@ from pathlib import Path
 from common import cdl, throwaway_stack
 
 from pipelines.data import bbc
-from pipelines.data.label_studio import LabelStudioServer
-from pipelines.data.labeling import Labeling, class_of, use_case
+from pipelines.data.labeling import WEBHOOK_SERVICE, Labeling, class_of, use_case
 from pipelines.data.repos import DataRepos, Ref
 
 SYNC_TARGET_S = 30
@@ -37,7 +36,8 @@ def main() -> None:
     try:
         bbc.generate(work / "valid", args.docs, seed=4, dirty=False)
         with throwaway_stack() as stack:
-            stack.up([LabelStudioServer(stack).spec])  # no webhook receiver: exports only here
+            stack.up(["label-studio"])
+            stack.supervisor.stop(WEBHOOK_SERVICE)  # no webhook receiver: exports only here
             repos = DataRepos(stack)
             repos.create_repo("bbc-validate")
             repos.put(Ref.parse("bbc-validate"), [work / "valid"], dest="/valid")

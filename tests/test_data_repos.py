@@ -14,7 +14,8 @@ import pytest
 
 from pipelines.core import events, lineage
 from pipelines.core.errors import CDLError
-from pipelines.data.repos import DataRepos, Ref
+from pipelines.data.backend import Entry, Ref
+from pipelines.data.repos import DataRepos
 from tests.conftest import cdl
 
 
@@ -52,7 +53,7 @@ def test_put_commit_list_get(repos, repo, tmp_path):
     shas = {f.path: f.sha256 for f in repos.files(commit)}
     assert shas["/a/1.txt"] == shas["/b/1.txt"]  # identical bytes, one object
     assert repos.store.path(shas["/a/1.txt"]).read_bytes() == b"one"
-    assert repos.listing(commit) == [("a", "dir", 6, 2), ("b", "dir", 3, 1)]
+    assert repos.listing(commit) == [Entry("a", "dir", 6, 2), Entry("b", "dir", 3, 1)]
     out = tmp_path / "out"
     assert repos.get(commit, "/a", out) == 2
     assert (out / "2.txt").read_bytes() == b"two"

@@ -38,7 +38,7 @@ from tests.conftest import REPO, cdl, destroy, make_project, stack_for
 def lab(tmp_path_factory):
     """A stack with Label Studio, and the BBC data pipeline run over a small generated corpus."""
     stack = stack_for(make_project())
-    stack.up([LabelStudioServer(stack).spec, lambda: webhook_spec(stack)])
+    stack.up(["label-studio"])
     repos, engine = DataRepos(stack), PipelineEngine(stack)
     corpus = tmp_path_factory.mktemp("corpus") / "bbc"
     bbc.generate(corpus, docs=40, seed=11)
@@ -456,7 +456,7 @@ def test_admin_secrets_stay_off_the_command_line(project_factory):
     password = "-starts-with-a-dash"
     server.password_file.parent.mkdir(parents=True)
     server.password_file.write_text(password)
-    stack.up([server.spec])
+    stack.up(["label-studio"])
     assert server.client().projects() == []  # the token works
     browser = httpx.Client(base_url=server.url, follow_redirects=True)
     page = browser.get("/user/login")  # sets the CSRF cookie the form must send back

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -12,12 +13,16 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console, say, stop_on_signal
-from pipelines.core.errors import Invalid, Unsupported
+from pipelines.core.errors import Invalid
 from pipelines.data import bbc, fashion, formats
-from pipelines.data.engine import PipelineEngine
-from pipelines.data.pachyderm import PachydermData
-from pipelines.data.repos import Commit, DataRepos, Ref
-from pipelines.data.spec import load_spec
+from pipelines.data.backend import (
+    Commit,
+    DataBackend,
+    PipelineBackend,
+    Ref,
+    data_backend,
+    pipeline_backend,
+)
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -32,23 +37,21 @@ repo_app = typer.Typer(
 app.add_typer(repo_app, name="repo")
 
 
-def pachyderm(ctx: typer.Context) -> PachydermData | None:
-    """The Pachyderm backend when the stack's data engine is pachyderm, else None."""
-    data = cli_context(ctx).settings.stack.data
-    return PachydermData(data.pachd_address) if data.engine == "pachyderm" else None
-
-
 WAIT_HELP = "Run the jobs this triggers here, and wait for them (and those they trigger)."
 
 
-def repos(ctx: typer.Context) -> DataRepos:
-    """The local engine's repos; commands that only it can serve stop here on Pachyderm."""
-    if cli_context(ctx).settings.stack.data.engine != "local":
-        raise Unsupported(
-            f"'cdl data {ctx.info_name}' needs the local data engine; this stack uses Pachyderm",
-            "use pachctl for it, or select a stack with data.engine: local",
-        )
-    return DataRepos(cli_context(ctx).stack)
+def repos(ctx: typer.Context) -> DataBackend:
+    """The stack's versioned-data backend (local engine or Pachyderm)."""
+    return data_backend(cli_context(ctx).stack)
+
+
+def engine(ctx: typer.Context) -> PipelineBackend:
+    """The stack's pipeline backend (local engine or Pachyderm)."""
+    return pipeline_backend(cli_context(ctx).stack)
+
+
+def known(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def human(size: int | None) -> str:
@@ -73,28 +76,23 @@ def repo_create(
     description: str = typer.Option("", "--description", "-d", help="What the repo holds."),
 ) -> None:
     """Create a repo with an empty 'master' branch."""
-    backend = pachyderm(ctx) or repos(ctx)
-    backend.create_repo(name, description)
+    repos(ctx).create_repo(name, description)
     console.print(f"created repo {name}")
 
 
 @repo_app.command("list")
 def repo_list(ctx: typer.Context) -> None:
     """List repos with their branches, commits and the size of master."""
-    if pach := pachyderm(ctx):
-        for name in pach.list_repos():
-            console.print(name)
-        return
     table = Table("repo", "branches", "commits", "files", "size", "created", "description")
     for r in repos(ctx).list_repos():
         table.add_row(
-            r["name"],
-            str(r["branches"]),
-            str(r["commits"]),
-            str(r["files"] if r["files"] is not None else "-"),
-            human(r["size"]),
-            r["created_at"].astimezone().strftime("%Y-%m-%d %H:%M"),
-            r["description"],
+            r.name,
+            known(r.branches),
+            known(r.commits),
+            known(r.files),
+            human(r.size),
+            r.created_at.astimezone().strftime("%Y-%m-%d %H:%M") if r.created_at else "-",
+            r.description,
         )
     console.print(table)
 
@@ -109,7 +107,7 @@ def repo_delete(
     commits computed from it. File bytes shared with other commits stay in the object store."""
     if not yes and not typer.confirm(f"delete repo {name} and all its commits?"):
         raise typer.Abort()
-    (pachyderm(ctx) or repos(ctx)).delete_repo(name)
+    repos(ctx).delete_repo(name)
     console.print(f"deleted repo {name}")
 
 
@@ -126,11 +124,6 @@ def put(
     """Store files in a new commit on a branch (created if missing). Files already on the branch
     stay unless put again; identical bytes are stored once. Symbolic links and special files are
     skipped and listed. The commit appears whole or not at all."""
-    if pach := pachyderm(ctx):
-        parsed = Ref.parse(target)
-        commit_id = pach.put(parsed.repo, parsed.name or "master", paths, dest, message)
-        console.print(f"committed {parsed.repo}@{commit_id} on pachd {pach.address}")
-        return
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -152,7 +145,7 @@ def put(
     for source, reason in scan.skipped:
         err_console.print(f"skipped {source}: {reason}", highlight=False)
     console.print(
-        f"committed {commit.ref} on {commit.branch}: {commit.file_count} files, "
+        f"committed {commit.ref} on {commit.branch}: {known(commit.file_count)} files, "
         f"{human(commit.size_bytes)}",
         highlight=False,
     )
@@ -186,10 +179,6 @@ def ls(
 ) -> None:
     """List the files and folders at PATH (default: the root) of a commit."""
     parsed = Ref.parse(ref)
-    if pach := pachyderm(ctx):
-        for path, size in pach.files(parsed.repo, parsed.name or "master", parsed.path or "/"):
-            print(f"{size:>12}  {path}")
-        return
     data = repos(ctx)
     commit = data.resolve(parsed)
     if recursive:
@@ -203,8 +192,13 @@ def ls(
         "files",
         title=f"{commit.repo}@{commit.id[:12]}:{parsed.path or '/'}",
     )
-    for name, kind, size, count in data.listing(commit, parsed.path or "/"):
-        table.add_row(name + ("/" if kind == "dir" else ""), kind, human(size), str(count))
+    for entry in data.listing(commit, parsed.path or "/"):
+        table.add_row(
+            entry.name + ("/" if entry.kind == "dir" else ""),
+            entry.kind,
+            human(entry.size),
+            known(entry.files),
+        )
     console.print(table)
 
 
@@ -218,9 +212,6 @@ def get(
 ) -> None:
     """Write a file of a commit to stdout or a file, or a folder to a local folder."""
     parsed = Ref.parse(ref)
-    if (pach := pachyderm(ctx)) and output is not None:
-        pach.get(parsed.repo, parsed.name or "master", parsed.path or "/", output)
-        return
     data = repos(ctx)
     commit = data.resolve(parsed)
     path = parsed.path or "/"
@@ -229,8 +220,8 @@ def get(
         first = next(entries, None)
         if first is None or first.path != path:
             raise Invalid(f"{commit.ref}:{path} is a folder or missing", "give --output FOLDER")
-        for chunk in data.store.read_chunks(first.sha256):
-            sys.stdout.buffer.write(chunk)
+        with data.open(commit, first) as stream:
+            shutil.copyfileobj(stream, sys.stdout.buffer)
         sys.stdout.buffer.flush()
         return
     if output.is_dir():
@@ -248,19 +239,6 @@ def log(
     """Show the commits of a branch from its head back, or with a bare REPO every commit of the
     repo, open ones (being written, or left by a writer that died) included."""
     parsed = Ref.parse(target)
-    if pach := pachyderm(ctx):
-        table = Table("commit", "branch", "started", "finished", "size", "message")
-        for c in pach.log(parsed.repo, parsed.name, limit):
-            table.add_row(
-                c["id"][:12],
-                c["branch"],
-                str(c["started"] or "-"),
-                str(c["finished"] or "open"),
-                human(c["size"]),
-                c["description"],
-            )
-        console.print(table)
-        return
     table = Table("commit", "branch", "state", "started", "files", "size", "author", "message")
     for c in repos(ctx).log(parsed.repo, parsed.name, limit):
         state = "[green]finished[/]" if c.state == "finished" else "[yellow]open[/]"
@@ -269,7 +247,7 @@ def log(
             c.branch,
             state,
             when(c),
-            str(c.file_count if c.file_count is not None else "-"),
+            known(c.file_count),
             human(c.size_bytes),
             c.author,
             c.message,
@@ -351,11 +329,6 @@ app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(job_app, name="job")
 
 
-def engine(ctx: typer.Context) -> PipelineEngine:
-    repos(ctx)  # the local engine only
-    return PipelineEngine(cli_context(ctx).stack)
-
-
 def run_and_report(ctx: typer.Context) -> None:
     """Run due jobs here and now (downstream ones too); exit 1 if one failed."""
     jobs = engine(ctx).run_pending(progress=lambda line: err_console.print(line, highlight=False))
@@ -385,10 +358,6 @@ def pipeline_create(
     """Create a pipeline and its output repo (named after it). Its transform runs locally in the
     spec's folder; a job starts as soon as every input branch has a commit. On a stack whose
     data engine is pachyderm, the same spec is sent to pachd."""
-    if pach := pachyderm(ctx):
-        pach.create_pipeline(load_spec(spec))
-        console.print(f"created pipeline on pachd {pach.address}")
-        return
     info = engine(ctx).create(spec)
     console.print(f"created pipeline {info['name']} (output repo {info['name']})")
     if wait:
@@ -406,10 +375,6 @@ def pipeline_update(
 ) -> None:
     """Update a pipeline from its spec. A changed transform or changed code files make a new
     version whose datums run again; otherwise only new or changed datums run."""
-    if pach := pachyderm(ctx):
-        pach.create_pipeline(load_spec(spec), update=True, reprocess=reprocess)
-        console.print(f"updated pipeline on pachd {pach.address}")
-        return
     info = engine(ctx).create(spec, update=True, reprocess=reprocess)
     console.print(f"updated pipeline {info['name']} to version {info['version']}")
     if wait:
@@ -460,10 +425,7 @@ def pipeline_delete(
     """Delete a pipeline, its jobs and (unless --keep-repo) its output repo."""
     if not yes and not typer.confirm(f"delete pipeline {name}?"):
         raise typer.Abort()
-    if pach := pachyderm(ctx):
-        pach.delete_pipeline(name)
-    else:
-        engine(ctx).delete(name, keep_repo)
+    engine(ctx).delete(name, keep_repo)
     console.print(f"deleted pipeline {name}")
 
 

@@ -13,13 +13,12 @@ import typer
 
 from pipelines.cli.context import cli_context, console
 from pipelines.cli.lineage import render
-from pipelines.cli.stack import OPTIONAL, status_table
+from pipelines.cli.stack import status_table
 from pipelines.core import lineage
 from pipelines.core.errors import CDLError
 from pipelines.data import bbc, formats
-from pipelines.data.engine import PipelineEngine
+from pipelines.data.backend import Ref, data_backend, pipeline_backend
 from pipelines.data.labeling import USE_CASES, Labeling, use_case
-from pipelines.data.repos import DataRepos, Ref
 
 RAW_REPO = "bbc-raw"
 STEPS = ("clean", "validate", "report")
@@ -35,14 +34,14 @@ def demo(
     stack = cli_context(ctx).stack
     console.rule("CDL demo: the stack")
     with console.status("bringing the stack up (Label Studio's first start takes a minute)"):
-        done = stack.up(OPTIONAL["label-studio"](stack))
+        done = stack.up(["label-studio"])
     for line in done:
         console.print(f"• {line}")
     console.print(status_table(stack.status()))
 
     console.rule("data pipeline: raw articles to validated data")
-    repos, engine = DataRepos(stack), PipelineEngine(stack)
-    if RAW_REPO not in {r["name"] for r in repos.list_repos()}:
+    repos, engine = data_backend(stack), pipeline_backend(stack)
+    if RAW_REPO not in {r.name for r in repos.list_repos()}:
         repos.create_repo(RAW_REPO, "raw BBC-like articles, one folder per topic")
     with tempfile.TemporaryDirectory() as tmp:
         written = bbc.generate(Path(tmp) / "bbc", docs, seed=0)
@@ -67,15 +66,9 @@ def demo(
                 f"the demo pipeline {name} failed: {job.error}",
                 f"see 'cdl data job logs {job.id[:12]} --failed'",
             )
-    report = json.loads(
-        b"".join(
-            repos.store.read_chunks(
-                next(
-                    repos.files(repos.resolve("bbc-validation-report"), "/validation-report.json")
-                ).sha256
-            )
-        )
-    )
+    reports = repos.resolve("bbc-validation-report")
+    with repos.open(reports, next(repos.files(reports, "/validation-report.json"))) as stream:
+        report = json.load(stream)
     console.print(
         f"validation: {report['valid']} valid, {report['quarantined']} quarantined "
         f"{report['quarantined_per_reason']}"

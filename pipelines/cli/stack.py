@@ -9,10 +9,7 @@ import typer
 from rich.table import Table
 
 from pipelines.cli.context import cli_context, console
-from pipelines.core.errors import Invalid
 from pipelines.core.stack import ComponentStatus
-from pipelines.data.label_studio import LabelStudioServer
-from pipelines.data.labeling import webhook_spec
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -47,30 +44,21 @@ def _short(path: Path | None) -> str:
         return str(path)
 
 
-# Optional services: each name starts one or more services (spec factories).
-OPTIONAL = {
-    "label-studio": lambda stack: [LabelStudioServer(stack).spec, lambda: webhook_spec(stack)],
-}
-
-
 @app.command()
 def up(
     ctx: typer.Context,
     with_services: List[str] = typer.Option(
-        [], "--with", help=f"Also start an optional service: {', '.join(OPTIONAL)}."
+        [],
+        "--with",
+        help="Also start an optional service: label-studio (and its webhook receiver).",
     ),
 ) -> None:
     """Start the stack: initialise the embedded Postgres on first use (or check the external DSN),
     create the platform databases, apply migrations and start the event dispatcher.
     Safe to run again: what already runs is left as it is."""
     stack = cli_context(ctx).stack
-    unknown = [name for name in with_services if name not in OPTIONAL]
-    if unknown:
-        raise Invalid(
-            f"no optional service {', '.join(unknown)}", f"choose from {', '.join(OPTIONAL)}"
-        )
     with console.status("bringing the stack up"):
-        done = stack.up([make for name in with_services for make in OPTIONAL[name](stack)])
+        done = stack.up(with_services)
     for line in done:
         console.print(f"• {line}")
     console.print(status_table(stack.status()))

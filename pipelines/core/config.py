@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipelines.core.errors import ConfigError
+from pipelines.plugins import engines
 
 CONFIG_FILE = "cdl.yaml"
 ENV_PREFIX = "CDL_"
@@ -93,7 +94,7 @@ class EventsConfig(_Strict):
 class ObjectStoreConfig(_Strict):
     """Where file bytes of data commits are kept, addressed by sha256."""
 
-    kind: Literal["local", "s3"] = "local"
+    kind: Literal[engines("object_store")] = "local"
     path: Path | None = Field(None, description="local: the folder; default <home>/objects")
     bucket: str | None = Field(None, description="s3: the bucket (credentials: AWS_* env)")
     prefix: str = Field("cdl-objects", description="s3: key prefix inside the bucket")
@@ -109,7 +110,7 @@ class ObjectStoreConfig(_Strict):
 class DataConfig(_Strict):
     """Which engine holds versioned data and runs pipelines."""
 
-    engine: Literal["local", "pachyderm"] = Field(
+    engine: Literal[engines("data")] = Field(
         "local", description="local: repos in Postgres + object store; pachyderm: a pachd"
     )
     pachd_address: str = Field("grpc://localhost:30650", description="with engine: pachyderm")

@@ -333,3 +333,10 @@ class Dispatcher:
                 self.stop_event.wait(2.0)
         for worker in workers:
             worker.join(timeout=10)
+
+
+def services(stack) -> list:
+    """The event dispatcher, started by every `cdl stack up`."""
+    from pipelines.core.services import Service
+
+    return [Service("events", lambda: stack.cli_service("events", "events", "dispatch"))]

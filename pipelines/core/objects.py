@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from pipelines.core.errors import Unavailable, Unsupported
+from pipelines.plugins import backend_class
 
 CHUNK = 1 << 20
 SMALL = 1 << 20  # read in one go below this size
@@ -45,6 +46,10 @@ class _ObjectStore:
 
 
 class LocalObjectStore(_ObjectStore):
+    @classmethod
+    def from_config(cls, config) -> "LocalObjectStore":
+        return cls(config.path)
+
     def __init__(self, root: Path):
         self.root = root
         self.objects = root / "objects"
@@ -123,6 +128,10 @@ class S3ObjectStore(_ObjectStore):
     absent or whole. Large files are hashed in one pass and uploaded in a second: the key is the
     hash, and nothing is held in memory.
     """
+
+    @classmethod
+    def from_config(cls, config) -> "S3ObjectStore":
+        return cls(config.bucket, config.prefix, config.endpoint_url)
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None):
         try:
@@ -223,8 +232,7 @@ class _Closing:
 
 
 def object_store_for(settings) -> LocalObjectStore | S3ObjectStore:
-    """The object store the stack's configuration names."""
+    """The object store the stack's configuration names (`object_store.kind`, registered in
+    pipelines/plugins.py)."""
     config = settings.stack.object_store
-    if config.kind == "s3":
-        return S3ObjectStore(config.bucket, config.prefix, config.endpoint_url)
-    return LocalObjectStore(config.path)
+    return backend_class("object_store", config.kind).from_config(config)

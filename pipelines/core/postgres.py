@@ -28,6 +28,7 @@ from psycopg import sql
 
 from pipelines.core.config import Databases, Settings
 from pipelines.core.errors import StackError
+from pipelines.plugins import backend_class
 
 SYSTEM_USER = "postgres"
 START_TIMEOUT_S = 60
@@ -125,6 +126,10 @@ def ensure_databases(admin_dsn: str, names: list[str]) -> list[str]:
 class ExternalPostgres:
     """A server CDL does not manage: used as-is through the DSN in the stack config."""
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ExternalPostgres":
+        return cls(settings.stack.postgres.dsn, settings.stack.postgres.databases)
+
     def __init__(self, dsn: str, databases: Databases):
         if not dsn.startswith(("postgresql://", "postgres://")):
             raise StackError(
@@ -167,6 +172,11 @@ class ExternalPostgres:
 
 class EmbeddedPostgres:
     """A Postgres cluster under `<home>/postgres`, started and stopped by CDL."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "EmbeddedPostgres":
+        pg = settings.stack.postgres
+        return cls(settings.home, pg.port, pg.user, pg.databases)
 
     def __init__(self, home: Path, port: int, user: str, databases: Databases):
         self.home = home
@@ -443,7 +453,6 @@ class EmbeddedPostgres:
 
 
 def server_for(settings: Settings) -> EmbeddedPostgres | ExternalPostgres:
-    pg = settings.stack.postgres
-    if pg.dsn:
-        return ExternalPostgres(pg.dsn, pg.databases)
-    return EmbeddedPostgres(settings.home, pg.port, pg.user, pg.databases)
+    """The embedded cluster, or with `postgres.dsn` the external server (pipelines/plugins.py)."""
+    engine = "external" if settings.stack.postgres.dsn else "embedded"
+    return backend_class("postgres", engine).from_settings(settings)

@@ -15,6 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import psutil
@@ -32,6 +33,16 @@ class ServiceSpec:
     health_url: str | None = None  # healthy when it answers below 500; None: alive is healthy
     address: str | None = None  # shown in status, e.g. http://127.0.0.1:8080
     start_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Service:
+    """A supervised service a package offers (its `services(stack)`); `make` builds the spec
+    when the service is started."""
+
+    name: str
+    make: Callable[[], ServiceSpec]
+    group: str | None = None  # None: started by every `stack up`; else by `stack up --with GROUP`
 
 
 @dataclass(frozen=True)

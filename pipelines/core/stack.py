@@ -9,18 +9,16 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import psycopg
 
 from pipelines.core import events, migrations
 from pipelines.core.config import Settings
-from pipelines.core.errors import StackError
+from pipelines.core.errors import Invalid, StackError
 from pipelines.core.postgres import EmbeddedPostgres, server_for
-from pipelines.core.services import ServiceSpec, Supervisor
-
-EVENTS_SERVICE = "events"
-PIPELINES_SERVICE = "pipelines"
+from pipelines.core.services import Service, ServiceSpec, Supervisor
+from pipelines.plugins import SERVICE_PROVIDERS, load
 
 
 @dataclass(frozen=True)
@@ -79,16 +77,24 @@ class Stack:
             name=name, argv=[*argv, *command], cwd=self.settings.root, start_timeout_s=30
         )
 
-    def services(self) -> list[ServiceSpec]:
-        """What `up` starts: the event dispatcher and the pipeline worker."""
-        return [
-            self.cli_service(EVENTS_SERVICE, "events", "dispatch"),
-            self.cli_service(PIPELINES_SERVICE, "data", "worker"),
-        ]
+    def services(self) -> list[Service]:
+        """Every service the packages offer for this stack (pipelines/plugins.py names them)."""
+        return [s for provider in SERVICE_PROVIDERS for s in load(f"{provider}:services")(self)]
 
-    def up(self, extra: Iterable[Callable[[], ServiceSpec]] = ()) -> list[str]:
-        """Bring the stack up (idempotent); return what was done, for the user. `extra` makes the
-        specs of optional services (e.g. Label Studio), called once Postgres is up."""
+    def optional_groups(self) -> list[str]:
+        """What `up --with` can start, e.g. label-studio."""
+        return sorted({s.group for s in self.services() if s.group})
+
+    def up(self, groups: Iterable[str] = ()) -> list[str]:
+        """Bring the stack up (idempotent); return what was done, for the user. The services of
+        the optional `groups` (e.g. label-studio) start too, once Postgres is up."""
+        groups = set(groups)
+        unknown = sorted(groups - set(self.optional_groups()))
+        if unknown:
+            raise Invalid(
+                f"no optional service {', '.join(unknown)}",
+                f"choose from {', '.join(self.optional_groups())}",
+            )
         done = []
         with self._lock():
             if self.embedded and self.postgres.init():
@@ -105,11 +111,11 @@ class Stack:
             # once `up` returns reaches the subscribers.
             with self.connect(autocommit=True) as conn:
                 events.register(conn, self.settings.stack.events.subscribers)
-            for spec in self.services():
-                self.supervisor.start(spec)
-            for make_spec in extra:
-                spec = make_spec()
-                if not self.supervisor.status(spec.name).healthy:
+            for service in self.services():
+                if service.group is None:
+                    self.supervisor.start(service.make())
+                elif service.group in groups and not self.supervisor.status(service.name).healthy:
+                    spec = service.make()
                     self.supervisor.start(spec)
                     done.append(f"started {spec.name} at {spec.address}")
         return done
@@ -136,7 +142,7 @@ class Stack:
                 pg.log,
             )
         ]
-        names = [s.name for s in self.services()]
+        names = [s.name for s in self.services() if s.group is None]
         names += [n for n in self.supervisor.names() if n not in names]
         for name in names:
             svc = self.supervisor.status(name)

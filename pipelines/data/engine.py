@@ -13,6 +13,9 @@ again; its earlier output is reused.
 
 One job per pipeline runs at a time (a Postgres advisory lock), whoever starts it: the background
 worker (`cdl data worker`, started by `cdl stack up`) or a command run with `--wait`.
+
+`PipelineEngine` is the local `PipelineBackend` (see backend.py); it owns the SQL of the pipelines,
+pipeline_inputs, pipeline_jobs, pipeline_job_datums and pipeline_datum_outputs tables.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -38,11 +40,12 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from pipelines.core import events, lineage
+from pipelines.core import db, events, lineage
 from pipelines.core.errors import AlreadyExists, CDLError, Invalid, NotFound, Unavailable
 from pipelines.core.stack import Stack
+from pipelines.data.backend import Commit, FileEntry, Job
 from pipelines.data.datums import Datum, datums
-from pipelines.data.repos import Commit, DataRepos, FileEntry
+from pipelines.data.repos import DataRepos
 from pipelines.data.spec import PipelineSpec, load_spec, parse_duration, parse_spec
 
 LOG_TAIL = 32_000  # characters of a datum's output kept for `cdl data job logs`
@@ -59,28 +62,6 @@ class DatumResult:
     log: str = ""
     error: str = ""
     outputs: list[tuple[str, str, int]] | None = None
-
-
-@dataclass
-class Job:
-    id: str
-    pipeline: str
-    pipeline_version: int
-    version_hash: str
-    input_commits: dict
-    state: str
-    output_commit: str | None
-    datums_total: int
-    datums_processed: int
-    datums_skipped: int
-    datums_failed: int
-    error: str | None
-    started_at: datetime
-    finished_at: datetime | None
-
-    @property
-    def lineage_id(self) -> str:
-        return lineage.node_id(lineage.Kind.PIPELINE_JOB, self.id)
 
 
 def code_hash(spec: PipelineSpec, workdir: Path) -> str:
@@ -209,7 +190,7 @@ class PipelineEngine:
                     "delete them first, or pass --keep-repo",
                 )
             with conn.transaction():
-                self._lock(conn, name, wait=True)
+                db.transaction_lock(conn, self._lock_key(name))
                 conn.execute("DELETE FROM pipelines WHERE name = %s", [name])
         if not keep_repo:
             self.repos.delete_repo(name)
@@ -217,12 +198,8 @@ class PipelineEngine:
     # -- jobs ----------------------------------------------------------------------------
 
     @staticmethod
-    def _lock(conn: psycopg.Connection, name: str, wait: bool = False) -> bool:
-        key = f"cdl.pipeline:{name}"
-        if wait:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
-            return True
-        return conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()[0]
+    def _lock_key(name: str) -> str:
+        return f"cdl.pipeline:{name}"
 
     def _heads(self, conn: psycopg.Connection, spec: PipelineSpec) -> dict[str, Commit] | None:
         """The head commit of each input (by input name), or None if one has no commit yet."""
@@ -291,23 +268,23 @@ class PipelineEngine:
 
     def run_job(self, name: str, progress: Callable[[str], None] | None = None) -> Job | None:
         """Run one job of `name` if one is due and nobody else is running it."""
-        with self.stack.connect(autocommit=True) as conn:
-            if not self._lock(conn, name):
+        with (
+            self.stack.connect(autocommit=True) as conn,
+            db.advisory_lock(conn, self._lock_key(name), wait=False) as held,
+        ):
+            if not held:
                 return None
-            try:
-                # A 'running' job we can lock was left by a process that died.
-                conn.execute(
-                    """UPDATE pipeline_jobs SET state = 'failure', finished_at = now(),
-                              error = 'interrupted: the process running it stopped'
-                       WHERE pipeline = %s AND state = 'running'""",
-                    [name],
-                )
-                plan = self._plan(conn, name)
-                if plan is None:
-                    return None
-                return self._run(conn, name, *plan, progress=progress)
-            finally:
-                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [f"cdl.pipeline:{name}"])
+            # A 'running' job we can lock was left by a process that died.
+            conn.execute(
+                """UPDATE pipeline_jobs SET state = 'failure', finished_at = now(),
+                          error = 'interrupted: the process running it stopped'
+                   WHERE pipeline = %s AND state = 'running'""",
+                [name],
+            )
+            plan = self._plan(conn, name)
+            if plan is None:
+                return None
+            return self._run(conn, name, *plan, progress=progress)
 
     def _run(self, conn, name, spec, row, heads, input_commits, version_hash, progress) -> Job:
         job_id = uuid.uuid4().hex

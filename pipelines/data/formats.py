@@ -18,10 +18,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO, Callable
 
-from psycopg.types.json import Jsonb
-
-from pipelines.core.errors import CDLError, Invalid, NotFound
-from pipelines.data.repos import Commit, DataRepos, FileEntry, normalize_path
+from pipelines.core.errors import Invalid, NotFound
+from pipelines.data.backend import Commit, DataBackend, FileEntry, normalize_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -41,16 +39,18 @@ class Stats:
 class CommitFiles:
     """The files of a commit, readable as streams from the object store."""
 
-    def __init__(self, repos: DataRepos, commit: Commit, prefix: str = "/"):
-        self.repos = repos
+    def __init__(self, backend: DataBackend, commit: Commit, prefix: str = "/"):
+        self.backend = backend
         self.commit = commit
-        cut = len(prefix.rstrip("/"))  # paths are read relative to the prefix
+        self.prefix = prefix.rstrip("/")  # paths are read relative to the prefix
+        cut = len(self.prefix)
         self.entries = [
-            FileEntry(e.path[cut:], e.sha256, e.size) for e in repos.files(commit, prefix)
+            FileEntry(e.path[cut:], e.sha256, e.size) for e in backend.files(commit, prefix)
         ]
 
     def open(self, entry: FileEntry) -> BinaryIO:
-        raw = self.repos.store.open(entry.sha256)
+        stored = FileEntry(self.prefix + entry.path, entry.sha256, entry.size)
+        raw = self.backend.open(self.commit, stored)
         return gzip.open(raw) if entry.path.endswith(".gz") else raw
 
     def text(self, entry: FileEntry) -> str:
@@ -61,8 +61,8 @@ class CommitFiles:
         return [e for e in self.entries if e.path.lower().endswith(suffixes)]
 
 
-def _fail(files: CommitFiles, fmt: str, why: str) -> CDLError:
-    return CDLError(
+def _fail(files: CommitFiles, fmt: str, why: str) -> Invalid:
+    return Invalid(
         f"{files.commit.ref} is not in {fmt} format: {why}",
         "pick the format with --format, or check the data",
     )
@@ -273,7 +273,7 @@ def detect(files: CommitFiles) -> str:
 
 
 def compute(
-    repos: DataRepos,
+    backend: DataBackend,
     commit: Commit,
     fmt: str | None = None,
     label_column: str | None = None,
@@ -282,29 +282,17 @@ def compute(
     """Statistics of the files under `prefix` of `commit`, read as `fmt` (detected when None),
     stored with the commit."""
     prefix = normalize_path(prefix)
-    files = CommitFiles(repos, commit, prefix)
+    files = CommitFiles(backend, commit, prefix)
     if not files.entries:
         raise NotFound(f"{commit.ref}:{prefix} holds no files", "check the ref and the path")
     fmt = fmt or detect(files)
     if fmt not in FORMATS:
         raise Invalid(f"unknown format '{fmt}'", f"use one of {', '.join(FORMATS)}")
     stats = csv_rows(files, label_column) if fmt == "csv" else FORMATS[fmt](files)
-    with repos.connect() as conn:
-        conn.execute(
-            """INSERT INTO data_commit_stats (commit_id, path, format, stats)
-               VALUES (%s, %s, %s, %s)
-               ON CONFLICT (commit_id, path, format) DO UPDATE
-               SET stats = EXCLUDED.stats, computed_at = now()""",
-            [commit.id, prefix, fmt, Jsonb(stats.to_dict())],
-        )
+    backend.record_stats(commit, prefix, fmt, stats.to_dict())
     return stats
 
 
-def stored(repos: DataRepos, commit: Commit) -> list[Stats]:
+def stored(backend: DataBackend, commit: Commit) -> list[Stats]:
     """The statistics computed for `commit` so far."""
-    with repos.connect() as conn:
-        rows = conn.execute(
-            "SELECT stats FROM data_commit_stats WHERE commit_id = %s ORDER BY path, format",
-            [commit.id],
-        ).fetchall()
-    return [Stats(**row[0]) for row in rows]
+    return [Stats(**found) for found in backend.stored_stats(commit)]

@@ -28,8 +28,8 @@ from pipelines.core.errors import AlreadyExists, Invalid, NotFound, Unavailable
 from pipelines.core.postgres import free_port
 from pipelines.core.services import ServiceSpec
 from pipelines.core.stack import Stack
+from pipelines.data.backend import Commit, DataBackend, FileEntry, data_backend
 from pipelines.data.label_studio import LabelStudioClient, LabelStudioServer
-from pipelines.data.repos import Commit, DataRepos
 
 USE_CASES = Path(__file__).resolve().parents[2] / "use_cases"
 IMPORT_BATCH = 500
@@ -153,11 +153,21 @@ def class_of(path: str, root: str) -> str:
 
 
 class Labeling:
-    def __init__(self, stack: Stack, case: UseCase, client: LabelStudioClient | None = None):
+    def __init__(
+        self,
+        stack: Stack,
+        case: UseCase,
+        client: LabelStudioClient | None = None,
+        data: DataBackend | None = None,
+    ):
         self.stack = stack
         self.case = case
-        self.repos = DataRepos(stack)
+        self.repos = data or data_backend(stack)
         self._client = client
+
+    def _read(self, commit: Commit, entry: FileEntry) -> bytes:
+        with self.repos.open(commit, entry) as stream:
+            return stream.read()
 
     @property
     def client(self) -> LabelStudioClient:
@@ -304,7 +314,7 @@ class Labeling:
         new = [e for e in entries if (e.path, e.sha256) not in known]
         for start in range(0, len(new), IMPORT_BATCH):
             batch = new[start : start + IMPORT_BATCH]
-            blobs = [b"".join(self.repos.store.read_chunks(e.sha256)) for e in batch]
+            blobs = [self._read(commit, e) for e in batch]
             answers = (
                 predict([(e.path, b) for e, b in zip(batch, blobs, strict=True)]) if predict else {}
             )
@@ -451,24 +461,28 @@ class Labeling:
         export's commit holds exactly the annotated tasks; an incremental one changes the
         files of the tasks in scope, removing those that have no annotation any more."""
         repo = self.case.labels_repo
-        if repo not in {r["name"] for r in self.repos.list_repos()}:
+        if repo not in {r.name for r in self.repos.list_repos()}:
             try:
                 self.repos.create_repo(repo, f"raw Label Studio exports of {self.case.name}")
             except AlreadyExists:
                 pass  # created concurrently
         what = "export" if scope is None else f"incremental export ({len(scope)} task(s))"
-        with self.repos.writer(
+        return self.repos.write(
             repo,
+            {
+                f"/tasks/{task['id']}.json": json.dumps(
+                    task, ensure_ascii=False, sort_keys=True
+                ).encode()
+                for task in exported
+            },
+            deletes=[
+                f"/tasks/{task_id}.json"
+                for task_id in set(scope or ()) - {t["id"] for t in exported}
+            ],
+            carry_parent=scope is not None,
             message=f"{what} of Label Studio project {project_id}",
             author="cdl label export",
-            carry_parent=scope is not None,
-        ) as writer:
-            for task in exported:
-                data = json.dumps(task, ensure_ascii=False, sort_keys=True).encode()
-                writer.add_object(f"/tasks/{task['id']}.json", *self.repos.store.put_bytes(data))
-            for task_id in set(scope or ()) - {t["id"] for t in exported}:
-                writer.delete(f"/tasks/{task_id}.json")
-        return writer.commit
+        )
 
     def _current_files(self) -> set[tuple[str, str]]:
         source = self.case.spec.source

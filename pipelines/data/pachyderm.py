@@ -1,22 +1,46 @@
 """The Pachyderm backend: the same repos and pipeline specs on a real Pachyderm cluster, through
 pachyderm-sdk (the `pachyderm` extra). Selected with `data.engine: pachyderm` in the stack.
 
-Pipeline specs are the files the local engine runs; they go to pachd as they are, in Pachyderm's
-own JSON form (`create_pipeline_v2`), after the same validation. `request_for` builds the typed
-protobuf request from a spec, which shows what pachd will receive without a cluster at hand.
-Commands that need the local engine's own tables (diff, stats, jobs, provenance) say so.
+`PachydermRepos` is the `DataBackend` and `PachydermPipelines` the `PipelineBackend` (see
+backend.py) on a pachd. Pipeline specs are the files the local engine runs; they go to pachd as
+they are, in Pachyderm's own JSON form (`create_pipeline_v2`), after the same validation.
+`request_for` builds the typed protobuf request from a spec, which shows what pachd will receive
+without a cluster at hand. pachd's gRPC errors become CDL's error kinds here (`_call`); operations
+that need the local engine's own tables (diff, stats, jobs, provenance) raise `Unsupported`.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import threading
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Callable, Iterator, Mapping
 
-from pipelines.core.errors import Invalid, Unavailable, Unsupported
-from pipelines.data.repos import normalize_path, scan_sources
-from pipelines.data.spec import PipelineSpec, parse_duration
+from pipelines.core.errors import (
+    AlreadyExists,
+    Invalid,
+    NotFound,
+    Unavailable,
+    Unsupported,
+)
+from pipelines.core.stack import Stack
+from pipelines.data.backend import (
+    DEFAULT_BRANCH,
+    Commit,
+    Entry,
+    FileEntry,
+    Job,
+    Progress,
+    Ref,
+    RepoInfo,
+    ScanResult,
+    normalize_path,
+    scan_sources,
+)
+from pipelines.data.spec import PipelineSpec, load_spec, parse_duration
 
 # Fields whose local defaults differ from protobuf's zero values: sent explicitly.
 EXPLICIT = ("datum_tries", "output_branch", "parallelism_spec")
@@ -69,127 +93,351 @@ def request_as_dict(request) -> dict[str, Any]:
     return request.to_dict(casing=betterproto.Casing.SNAKE, include_default_values=False)
 
 
-class PachydermData:
-    """Repos, commits and pipelines on a pachd at `address` (grpc://host:30650)."""
+def _unsupported(command: str) -> Unsupported:
+    return Unsupported(
+        f"'cdl data {command}' needs the local data engine; this stack's data engine is pachyderm",
+        "use pachctl for it, or select a stack with data.engine: local",
+    )
 
-    def __init__(self, address: str):
+
+class _Pachd:
+    """A pachd connection whose errors are CDL's: the one place pachyderm-sdk errors are seen."""
+
+    def __init__(self, stack: Stack):
         sdk, self.pfs, self.pps = _sdk()
-        self.address = address
+        self.address = stack.settings.stack.data.pachd_address
         try:
-            self.client = sdk.Client.from_pachd_address(address)
+            self.client = sdk.Client.from_pachd_address(self.address)
         except ValueError as exc:
             raise Invalid(
-                f"data.pachd_address {address!r}: {exc}", "write it as grpc://HOST:30650"
+                f"data.pachd_address {self.address!r}: {exc}", "write it as grpc://HOST:30650"
             ) from exc
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def _call(self, what: str, fn: Callable, *args, **kwargs):
         import grpc
 
-        unreachable = Unavailable(
-            f"cannot reach pachd at {self.address} ({what})",
-            "check data.pachd_address / CDL_DATA__PACHD_ADDRESS, or port-forward pachd",
-        )
         try:
             result = fn(*args, **kwargs)
             # Streaming calls fail while they are read: read them here.
             return list(result) if hasattr(result, "__next__") else result
         except ConnectionError as exc:  # how pachyderm-sdk reports a pachd that does not answer
-            raise unreachable from exc
+            raise self._unreachable(what) from exc
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise unreachable from exc
             details = exc.details() if hasattr(exc, "details") else str(exc)
-            raise Invalid(f"pachd refused {what}: {details}") from exc
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise self._unreachable(what) from exc
+            kind = {
+                grpc.StatusCode.NOT_FOUND: NotFound,
+                grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+            }.get(code)
+            if kind is None:  # pachd reports many of these as UNKNOWN, with words
+                lowered = (details or "").lower()
+                kind = (
+                    NotFound
+                    if "not found" in lowered
+                    else AlreadyExists
+                    if "already exists" in lowered
+                    else Invalid
+                )
+            raise kind(f"pachd refused {what}: {details}") from exc
+
+    def _unreachable(self, what: str) -> Unavailable:
+        return Unavailable(
+            f"cannot reach pachd at {self.address} ({what})",
+            "check data.pachd_address / CDL_DATA__PACHD_ADDRESS, or port-forward pachd",
+        )
 
     def check(self) -> str:
-        """The pachd version, or a clear error when it cannot be reached."""
         version = self._call("version", self.client.get_version)
-        return f"{version.major}.{version.minor}.{version.micro}"
+        return f"pachd {version.major}.{version.minor}.{version.micro} at {self.address}"
+
+
+def _time(value: datetime | None) -> datetime | None:
+    """Protobuf leaves unset timestamps at the epoch."""
+    return value if value and value.year > 1970 else None
+
+
+class PachydermRepos(_Pachd):
+    """Repos, commits and files on a pachd at `data.pachd_address` (grpc://host:30650)."""
+
+    def _repo(self, name: str):
+        return self.pfs.Repo(name=name, type="user")
+
+    def _branch(self, repo: str, name: str):
+        return self.pfs.Branch(repo=self._repo(repo), name=name)
+
+    def _pfs_commit(self, commit: Commit):
+        return self.pfs.Commit(
+            id=commit.id,
+            repo=self._repo(commit.repo),
+            branch=self._branch(commit.repo, commit.branch) if commit.branch else None,
+        )
+
+    def _commit(self, info) -> Commit:
+        commit = info.commit
+        repo = commit.repo.name or (commit.branch.repo.name if commit.branch else "")
+        parent = info.parent_commit.id if info.parent_commit and info.parent_commit.id else None
+        finished = _time(info.finished)
+        return Commit(
+            id=commit.id,
+            repo=repo,
+            branch=commit.branch.name if commit.branch else "",
+            parent=parent,
+            state="finished" if finished else "open",
+            origin="pipeline" if info.origin and info.origin.kind == 2 else "user",
+            message=info.description,
+            author=info.created_by,
+            started_at=_time(info.started),
+            finished_at=finished,
+            size_bytes=info.details.size_bytes if info.details else None,
+            file_count=None,
+        )
+
+    # -- repos and branches
 
     def create_repo(self, name: str, description: str = "") -> None:
-        repo = self.pfs.Repo(name=name, type="user")
         self._call(
-            f"create repo {name}", self.client.pfs.create_repo, repo=repo, description=description
+            f"create repo {name}",
+            self.client.pfs.create_repo,
+            repo=self._repo(name),
+            description=description,
         )
 
-    def list_repos(self) -> list[str]:
-        return [r.repo.name for r in self._call("list repos", self.client.pfs.list_repo)]
+    def list_repos(self) -> list[RepoInfo]:
+        infos = self._call("list repos", self.client.pfs.list_repo)
+        return [
+            RepoInfo(
+                name=i.repo.name,
+                description=i.description,
+                created_at=_time(i.created),
+                branches=len(i.branches),
+                commits=None,
+                size=i.details.size_bytes if i.details else None,
+                files=None,
+            )
+            for i in sorted(infos, key=lambda i: i.repo.name)
+        ]
 
     def delete_repo(self, name: str) -> None:
+        self._call(f"delete repo {name}", self.client.pfs.delete_repo, repo=self._repo(name))
+
+    def branches(self, repo: str) -> list[tuple[str, Commit | None]]:
+        infos = self._call(
+            f"list branches of {repo}", self.client.pfs.list_branch, repo=self._repo(repo)
+        )
+        found = []
+        for info in sorted(infos, key=lambda i: i.branch.name):
+            head = self._try_resolve(Ref(repo, info.branch.name))
+            found.append((info.branch.name, head))
+        return found
+
+    def _try_resolve(self, ref: Ref) -> Commit | None:
+        try:
+            return self.resolve(ref)
+        except (NotFound, Invalid):
+            return None
+
+    def create_branch(self, repo: str, name: str, source: Ref | None = None) -> Commit | None:
+        head = self.resolve(source) if source else None
         self._call(
-            f"delete repo {name}",
-            self.client.pfs.delete_repo,
-            repo=self.pfs.Repo(name=name, type="user"),
+            f"create branch {repo}@{name}",
+            self.client.pfs.create_branch,
+            branch=self._branch(repo, name),
+            head=self._pfs_commit(head) if head else None,
+        )
+        return head
+
+    def delete_branch(self, repo: str, name: str) -> None:
+        self._call(
+            f"delete branch {repo}@{name}",
+            self.client.pfs.delete_branch,
+            branch=self._branch(repo, name),
         )
 
+    # -- commits
+
+    def resolve(self, ref: Ref | str) -> Commit:
+        ref = Ref.parse(ref) if isinstance(ref, str) else ref
+        uri = f"{ref.repo}@{ref.name or DEFAULT_BRANCH}"
+        info = self._call(
+            f"inspect commit {uri}",
+            self.client.pfs.inspect_commit,
+            commit=self.pfs.Commit.from_uri(uri),
+        )
+        for _ in range(ref.parents):
+            if not info.parent_commit or not info.parent_commit.id:
+                raise NotFound(f"{ref} goes past the first commit of {ref.repo}")
+            info = self._call(
+                f"inspect commit {ref}", self.client.pfs.inspect_commit, commit=info.parent_commit
+            )
+        commit = self._commit(info)
+        if commit.state != "finished":
+            raise Invalid(f"commit {commit.ref} is still open", "wait for it to finish")
+        return commit
+
+    def log(self, repo: str, branch: str | None = None, limit: int = 50) -> list[Commit]:
+        if branch:
+            request = {"to": self.pfs.Commit.from_uri(f"{repo}@{branch}")}
+        else:
+            request = {"repo": self._repo(repo)}
+        infos = self._call(
+            f"list commits of {repo}", self.client.pfs.list_commit, number=limit, **request
+        )
+        return [self._commit(i) for i in infos]
+
     def put(
-        self, repo: str, branch: str, sources: list[Path], dest: str = "/", message: str = ""
-    ) -> str:
-        """Put files in one commit (scanned as the local engine scans them); return its id."""
+        self,
+        target: Ref,
+        sources: list[Path],
+        dest: str = "/",
+        message: str = "",
+        author: str | None = None,
+        progress: Progress | None = None,
+        on_wait: Callable[[], None] | None = None,
+    ) -> tuple[Commit, ScanResult]:
+        if target.parents or target.path:
+            raise Invalid(f"put needs REPO@BRANCH, got '{target}'", "drop the ^ and :path parts")
         scan = scan_sources(sources, dest)
         if not scan.files:
-            raise Invalid("nothing to put", "check the paths")
-        target = self.pfs.Branch.from_uri(f"{repo}@{branch}")
-
-        def upload() -> str:
-            with self.client.pfs.commit(branch=target, description=message) as commit:
-                for source, path in scan.files:
-                    with open(source, "rb") as fh:
-                        commit.put_file_from_file(path=path, file=fh)
-            return commit.id
-
-        return self._call(f"put to {repo}@{branch}", upload)
-
-    def log(self, repo: str, branch: str | None = None, limit: int = 50) -> list[dict]:
-        """Commits of a repo (or of one branch), newest first."""
-        if branch:
-            infos = self._call(
-                "list commits",
-                self.client.pfs.list_commit,
-                to=self.pfs.Commit.from_uri(f"{repo}@{branch}"),
-                number=limit,
+            raise Invalid(
+                f"nothing to put: {', '.join(map(str, sources))} holds no regular files",
+                "check the paths (empty folders are not stored)",
             )
-        else:
-            infos = self._call(
-                "list commits",
-                self.client.pfs.list_commit,
-                repo=self.pfs.Repo(name=repo, type="user"),
-                number=limit,
-            )
+        total = sum(os.lstat(source).st_size for source, _ in scan.files)
+
+        def upload(commit) -> None:
+            done = 0
+            for source, path in scan.files:
+                with open(source, "rb") as fh:
+                    commit.put_file_from_file(path=path, file=fh)
+                done += os.lstat(source).st_size
+                if progress:
+                    progress(done, total)
+
+        branch = target.name or DEFAULT_BRANCH
+        return self._commit_with(target.repo, branch, message, upload), scan
+
+    def _commit_with(self, repo: str, branch: str, message: str, fill: Callable) -> Commit:
+        """One commit on repo@branch, filled by `fill(open_commit)`, waited for."""
+
+        def run():
+            with self.client.pfs.commit(
+                branch=self._branch(repo, branch), description=message
+            ) as commit:
+                fill(commit)
+            return self.client.pfs.wait_commit(commit.commit)
+
+        return self._commit(self._call(f"commit to {repo}@{branch}", run))
+
+    def write(
+        self,
+        repo: str,
+        files: Mapping[str, bytes],
+        deletes: list[str] = (),
+        carry_parent: bool = True,
+        message: str = "",
+        author: str | None = None,
+        branch: str = DEFAULT_BRANCH,
+    ) -> Commit:
+        def fill(commit) -> None:
+            for path in ["/"] if not carry_parent else deletes:
+                commit.delete_file(path=normalize_path(path))
+            for path, data in files.items():
+                commit.put_file_from_bytes(path=normalize_path(path), data=data)
+
+        return self._commit_with(repo, branch, message, fill)
+
+    def delete(
+        self, target: Ref, paths: list[str], message: str = "", author: str | None = None
+    ) -> Commit:
+        head = self.resolve(Ref(target.repo, target.name))
+        for path in paths:
+            if next(self.files(head, path), None) is None:
+                raise NotFound(
+                    f"{head.ref} has no file or folder {normalize_path(path)}", "see 'cdl data ls'"
+                )
+        return self.write(
+            target.repo, {}, deletes=paths, message=message, branch=target.name or DEFAULT_BRANCH
+        )
+
+    def clean(self, repo: str) -> int:
+        raise _unsupported("clean")
+
+    def provenance(self, commit: Commit) -> list[Commit]:
+        raise _unsupported("provenance")
+
+    # -- files
+
+    def _file(self, commit: Commit, path: str):
+        return self.pfs.File(commit=self._pfs_commit(commit), path=normalize_path(path))
+
+    def files(self, commit: Commit, prefix: str = "/") -> Iterator[FileEntry]:
+        infos = self._call(
+            f"list files of {commit.ref}:{prefix}",
+            self.client.pfs.walk_file,
+            file=self._file(commit, prefix),
+        )
+        for info in infos:
+            if info.file_type == self.pfs.FileType.FILE:
+                yield FileEntry(info.file.path, info.hash.hex(), info.size_bytes)
+
+    def listing(self, commit: Commit, prefix: str = "/") -> list[Entry]:
+        infos = self._call(
+            f"list files of {commit.ref}:{prefix}",
+            self.client.pfs.list_file,
+            file=self._file(commit, prefix),
+        )
+        if not infos:
+            raise NotFound(f"{commit.ref} has no file or folder {normalize_path(prefix)}")
         return [
-            {
-                "id": i.commit.id,
-                "branch": i.commit.branch.name if i.commit.branch else "",
-                "started": i.started,
-                "finished": i.finished,
-                "description": i.description,
-                "size": i.details.size_bytes if i.details else None,
-            }
+            Entry(
+                i.file.path.rstrip("/").rsplit("/", 1)[-1],
+                "dir" if i.file_type == self.pfs.FileType.DIR else "file",
+                i.size_bytes,
+                None,
+            )
             for i in infos
         ]
 
-    def files(self, repo: str, ref: str, path: str = "/") -> Iterator[tuple[str, int]]:
-        commit = self.pfs.Commit.from_uri(f"{repo}@{ref}")
-        file = self.pfs.File(commit=commit, path=normalize_path(path))
-        for info in self._call("list files", self.client.pfs.walk_file, file=file):
-            if info.file_type == self.pfs.FileType.FILE:
-                yield info.file.path, info.size_bytes
+    def open(self, commit: Commit, entry: FileEntry) -> IO[bytes]:
+        def read() -> bytes:
+            with self.client.pfs.pfs_file(self._file(commit, entry.path)) as remote:
+                return remote.read()
 
-    def get(self, repo: str, ref: str, path: str, output: Path) -> None:
-        commit = self.pfs.Commit.from_uri(f"{repo}@{ref}")
-        file = self.pfs.File(commit=commit, path=normalize_path(path))
+        return io.BytesIO(self._call(f"get {commit.ref}:{entry.path}", read))
 
-        def download() -> None:
-            with self.client.pfs.pfs_file(file) as remote, open(output, "wb") as out:
+    def get(self, commit: Commit, path: str, output: Path) -> int:
+        path = normalize_path(path)
+        written = 0
+        for entry in self.files(commit, path):
+            target = output if entry.path == path else output / entry.path[len(path) :].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.partial")
+            with self.open(commit, entry) as remote, open(partial, "wb") as out:
                 while chunk := remote.read(io.DEFAULT_BUFFER_SIZE * 64):
                     out.write(chunk)
+            partial.replace(target)
+            written += 1
+        if not written:
+            raise NotFound(f"{commit.ref} has no file or folder {path}", "see 'cdl data ls'")
+        return written
 
-        self._call(f"get {repo}@{ref}:{path}", download)
+    def diff(self, old: Commit, new: Commit) -> Iterator[tuple[str, str, int | None, int | None]]:
+        raise _unsupported("diff")
 
-    def create_pipeline(
-        self, spec: PipelineSpec, update: bool = False, reprocess: bool = False
-    ) -> None:
+    def record_stats(self, commit: Commit, path: str, fmt: str, stats: dict) -> None:
+        raise _unsupported("stats")
+
+    def stored_stats(self, commit: Commit) -> list[dict]:
+        raise _unsupported("stats")
+
+
+class PachydermPipelines(_Pachd):
+    """Pipelines on a pachd: created, updated and deleted there; pachd runs their jobs."""
+
+    def create(self, spec_path: Path, update: bool = False, reprocess: bool = False) -> dict:
+        spec = load_spec(spec_path)
         request_for(spec)  # fails here, naming the field, rather than on the cluster
         self._call(
             f"create pipeline {spec.name}",
@@ -198,10 +446,36 @@ class PachydermData:
             update=update,
             reprocess=reprocess,
         )
+        return {"name": spec.name, "version": "on pachd"}
 
-    def delete_pipeline(self, name: str) -> None:
+    def delete(self, name: str, keep_repo: bool = False) -> None:
         self._call(
             f"delete pipeline {name}",
             self.client.pps.delete_pipeline,
             pipeline=self.pps.Pipeline(name=name),
+            keep_repo=keep_repo,
         )
+
+    def list(self) -> list[dict]:
+        raise _unsupported("pipeline list")
+
+    def inspect(self, name: str) -> dict:
+        raise _unsupported("pipeline inspect")
+
+    def run_pending(self, progress: Callable[[str], None] | None = None) -> list[Job]:
+        raise Unsupported(
+            "--wait runs jobs on the local engine; on Pachyderm pachd runs them",
+            "follow them with 'pachctl list job'",
+        )
+
+    def jobs(self, pipeline: str | None = None, limit: int = 20) -> list[Job]:
+        raise _unsupported("job list")
+
+    def job(self, job_id: str) -> Job:
+        raise _unsupported("job inspect")
+
+    def job_datums(self, job_id: str, state: str | None = None) -> list[dict]:
+        raise _unsupported("job logs")
+
+    def serve(self, stop: threading.Event, say: Callable[[str], None]) -> None:
+        raise _unsupported("worker")

@@ -9,180 +9,44 @@ clean` does), and bytes already stored are not stored again.
 
 Writers on one branch are serialised by a Postgres advisory lock held for the whole write: it is
 released by the server if the writer dies, so a crash never blocks the branch.
+
+`DataRepos` is the local engine's `DataBackend` (see backend.py); it owns the SQL of the
+data_repos, data_branches, data_commits, data_files, data_provenance and data_commit_stats tables.
 """
 
 from __future__ import annotations
 
-import getpass
 import os
 import re
-import socket
-import stat
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import IO, Callable, Iterator, Mapping
 
 import psycopg
 from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 
-from pipelines.core import events, lineage
+from pipelines.core import db, events, lineage
 from pipelines.core.errors import AlreadyExists, Invalid, NotFound
 from pipelines.core.objects import object_store_for
 from pipelines.core.stack import Stack
+from pipelines.data.backend import (
+    BRANCH_NAME,
+    DEFAULT_BRANCH,
+    REPO_NAME,
+    Commit,
+    Entry,
+    FileEntry,
+    Ref,
+    RepoInfo,
+    ScanResult,
+    default_author,
+    normalize_path,
+    scan_sources,
+)
 
-DEFAULT_BRANCH = "master"
-REPO_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,63}$")
-BRANCH_NAME = re.compile(r"^[a-zA-Z0-9_.-]{1,63}$")
 COPY_BATCH = 5000
-
-
-@dataclass
-class Commit:
-    id: str
-    repo: str
-    branch: str
-    parent: str | None
-    state: str
-    origin: str
-    message: str
-    author: str
-    started_at: datetime
-    finished_at: datetime | None
-    size_bytes: int | None
-    file_count: int | None
-
-    @property
-    def ref(self) -> str:
-        return f"{self.repo}@{self.id}"
-
-    @property
-    def lineage_id(self) -> str:
-        return lineage.node_id(lineage.Kind.DATASET_COMMIT, self.ref)
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    path: str
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True)
-class Ref:
-    """`repo`, `repo@branch`, `repo@commit` (a prefix of 6+ hex digits), each with optional `^`s
-    for parents, then optionally `:path`."""
-
-    repo: str
-    name: str | None = None  # branch or commit; None: the default branch
-    parents: int = 0
-    path: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "Ref":
-        spec, _, path = text.partition(":")
-        repo, _, name = spec.partition("@")
-        stripped = name.rstrip("^")
-        parents = len(name) - len(stripped)
-        if not REPO_NAME.match(repo):
-            raise Invalid(
-                f"'{text}': '{repo}' is not a repo name",
-                "use REPO, REPO@BRANCH or REPO@COMMIT, optionally followed by :PATH",
-            )
-        if name and not stripped:
-            raise Invalid(f"'{text}': '^' must follow a branch or commit", "e.g. images@master^")
-        return cls(repo, stripped or None, parents, normalize_path(path) if path else None)
-
-    def __str__(self) -> str:
-        name = f"@{self.name}" if self.name else ""
-        return f"{self.repo}{name}{'^' * self.parents}{':' + self.path if self.path else ''}"
-
-
-def normalize_path(path: str) -> str:
-    """'a/b/' -> '/a/b'; refuses '..' and names that are not portable."""
-    if "\n" in path or "\r" in path or "\0" in path:
-        raise Invalid(f"file path {path!r} contains a line break or NUL", "rename the file")
-    parts = [p for p in PurePosixPath("/" + path).parts[1:] if p not in ("", ".")]
-    if ".." in parts:
-        raise Invalid(f"file path {path!r} leaves the repo with '..'", "use a path inside it")
-    return "/" + "/".join(parts)
-
-
-def default_author() -> str:
-    return os.environ.get("CDL_AUTHOR") or f"{getpass.getuser()}@{socket.gethostname()}"
-
-
-@dataclass
-class ScanResult:
-    files: list[tuple[Path, str]] = field(default_factory=list)  # (source, repo path)
-    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (source, reason)
-
-
-def scan_sources(sources: list[Path], dest: str = "/") -> ScanResult:
-    """What `put` would store: a file goes to DEST/its name, a folder's contents under DEST.
-
-    Symbolic links and special files are skipped with a reason (a link may point outside the
-    data or loop); names that are not valid UTF-8 are an error naming the file.
-    """
-    result = ScanResult()
-    dest = normalize_path(dest)
-
-    def repo_path(*parts: str) -> str:
-        return normalize_path("/".join([dest, *parts]))
-
-    def check_name(path: Path) -> None:
-        try:
-            str(path).encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise Invalid(
-                f"file name {os.fsencode(path)!r} is not valid UTF-8", "rename the file"
-            ) from exc
-
-    def walk(folder: Path, rel: list[str]) -> None:
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:
-            raise Invalid(
-                f"cannot read folder {folder}: {exc.strerror}", "fix its permissions"
-            ) from exc
-        for entry in entries:
-            path = Path(entry.path)
-            check_name(path)
-            if entry.is_symlink():
-                result.skipped.append((path, "symbolic link"))
-            elif entry.is_dir(follow_symlinks=False):
-                walk(path, [*rel, entry.name])
-            elif entry.is_file(follow_symlinks=False):
-                result.files.append((path, repo_path(*rel, entry.name)))
-            else:
-                result.skipped.append((path, "not a regular file"))
-
-    for source in sources:
-        check_name(source)
-        try:
-            mode = os.lstat(source).st_mode
-        except OSError as exc:
-            raise Invalid(f"cannot read {source}: {exc.strerror}", "check the path") from exc
-        if stat.S_ISLNK(mode):
-            result.skipped.append((source, "symbolic link"))
-        elif stat.S_ISDIR(mode):
-            walk(source, [])
-        elif stat.S_ISREG(mode):
-            result.files.append((source, repo_path(source.name)))
-        else:
-            result.skipped.append((source, "not a regular file"))
-
-    seen: dict[str, Path] = {}
-    for source, path in result.files:
-        if path in seen:
-            raise Invalid(
-                f"{seen[path]} and {source} would both be stored as {path}",
-                "put them in separate commits or use different --path destinations",
-            )
-        seen[path] = source
-    return result
 
 
 class CommitWriter:
@@ -241,6 +105,10 @@ class DataRepos:
     def connect(self, autocommit: bool = True) -> psycopg.Connection:
         return self.stack.connect(autocommit=autocommit)
 
+    def check(self) -> str:
+        with self.connect():
+            return f"local data engine on {self.stack.postgres.address}"
+
     # -- repos and branches ------------------------------------------------------------
 
     def create_repo(self, name: str, description: str = "") -> None:
@@ -269,7 +137,7 @@ class DataRepos:
                 f"create it with 'cdl data repo create {name}'",
             )
 
-    def list_repos(self) -> list[dict]:
+    def list_repos(self) -> list[RepoInfo]:
         with self.connect() as conn:
             rows = conn.execute(
                 """SELECT r.name, r.description, r.created_at,
@@ -283,8 +151,7 @@ class DataRepos:
                    ORDER BY r.name""",
                 [DEFAULT_BRANCH],
             ).fetchall()
-        keys = ("name", "description", "created_at", "branches", "commits", "size", "files")
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        return [RepoInfo(*row) for row in rows]
 
     def delete_repo(self, name: str) -> None:
         with self.connect() as conn, conn.transaction():
@@ -447,53 +314,40 @@ class DataRepos:
         """
         if not BRANCH_NAME.match(branch):
             raise Invalid(f"'{branch}' is not a valid branch name", "use letters, digits, . - _")
-        with self.connect() as conn:
+        with (
+            self.connect() as conn,
+            db.advisory_lock(conn, self._lock_key(repo, branch), on_wait=on_wait),
+        ):
             self.require_repo(conn, repo)
-            self._lock_branch(conn, repo, branch, on_wait)
+            self._discard_open(conn, repo, branch)
+            conn.execute(
+                """INSERT INTO data_branches (repo, name) VALUES (%s, %s)
+                   ON CONFLICT DO NOTHING""",
+                [repo, branch],
+            )
+            head = conn.execute(
+                "SELECT head FROM data_branches WHERE repo = %s AND name = %s", [repo, branch]
+            ).fetchone()[0]
+            commit_id = uuid.uuid4().hex
+            conn.execute(
+                """INSERT INTO data_commits (id, repo, branch, parent, state, origin, message,
+                                             author)
+                   VALUES (%s, %s, %s, %s, 'open', %s, %s, %s)""",
+                [commit_id, repo, branch, head, origin, message, author or default_author()],
+            )
+            writer = CommitWriter(self, conn, self.commit_by_id(conn, commit_id))
             try:
-                self._discard_open(conn, repo, branch)
-                conn.execute(
-                    """INSERT INTO data_branches (repo, name) VALUES (%s, %s)
-                       ON CONFLICT DO NOTHING""",
-                    [repo, branch],
-                )
-                head = conn.execute(
-                    "SELECT head FROM data_branches WHERE repo = %s AND name = %s", [repo, branch]
-                ).fetchone()[0]
-                commit_id = uuid.uuid4().hex
-                conn.execute(
-                    """INSERT INTO data_commits (id, repo, branch, parent, state, origin, message,
-                                                 author)
-                       VALUES (%s, %s, %s, %s, 'open', %s, %s, %s)""",
-                    [commit_id, repo, branch, head, origin, message, author or default_author()],
-                )
-                writer = CommitWriter(self, conn, self.commit_by_id(conn, commit_id))
-                try:
-                    yield writer
-                    writer.flush()
-                    writer.commit = self._finish(conn, writer, carry_parent, provenance)
-                except BaseException:
-                    # Not finished: remove the open commit now rather than leave it for later.
-                    conn.execute("DELETE FROM data_commits WHERE id = %s", [commit_id])
-                    raise
-            finally:
-                self._unlock_branch(conn, repo, branch)
+                yield writer
+                writer.flush()
+                writer.commit = self._finish(conn, writer, carry_parent, provenance)
+            except BaseException:
+                # Not finished: remove the open commit now rather than leave it for later.
+                conn.execute("DELETE FROM data_commits WHERE id = %s", [commit_id])
+                raise
 
     @staticmethod
     def _lock_key(repo: str, branch: str) -> str:
         return f"cdl.data.branch:{repo}@{branch}"
-
-    def _lock_branch(self, conn, repo: str, branch: str, on_wait: Callable[[], None] | None):
-        key = self._lock_key(repo, branch)
-        got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()[0]
-        if not got:
-            if on_wait:
-                on_wait()
-            conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [key])
-
-    def _unlock_branch(self, conn, repo: str, branch: str) -> None:
-        if not conn.closed:
-            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [self._lock_key(repo, branch)])
 
     @staticmethod
     def _discard_open(conn, repo: str, branch: str) -> int:
@@ -513,12 +367,9 @@ class DataRepos:
                 [repo],
             ).fetchall()
             for (branch,) in branches:
-                key = self._lock_key(repo, branch)
-                if conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()[0]:
-                    try:
+                with db.advisory_lock(conn, self._lock_key(repo, branch), wait=False) as held:
+                    if held:  # else its writer is still at work
                         removed += self._discard_open(conn, repo, branch)
-                    finally:
-                        self._unlock_branch(conn, repo, branch)
         return removed
 
     def _finish(self, conn, writer: CommitWriter, carry_parent: bool, provenance) -> Commit:
@@ -609,6 +460,23 @@ class DataRepos:
                     progress(done, total)
         return writer.commit, scan
 
+    def write(
+        self,
+        repo: str,
+        files: Mapping[str, bytes],
+        deletes: list[str] = (),
+        carry_parent: bool = True,
+        message: str = "",
+        author: str | None = None,
+        branch: str = DEFAULT_BRANCH,
+    ) -> Commit:
+        with self.writer(repo, branch, message, author, carry_parent=carry_parent) as writer:
+            for path in deletes:
+                writer.delete(path)
+            for path, data in files.items():
+                writer.add_object(path, *self.store.put_bytes(data))
+        return writer.commit
+
     def delete(
         self, target: Ref, paths: list[str], message: str = "", author: str | None = None
     ) -> Commit:
@@ -633,7 +501,7 @@ class DataRepos:
     def files(self, commit: Commit, prefix: str = "/") -> Iterator[FileEntry]:
         """The commit's files under `prefix`, in path order, streamed from the server."""
         prefix = normalize_path(prefix)
-        like = prefix.rstrip("/").replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_")
+        like = db.like_escape(prefix.rstrip("/"))
         with self.connect(autocommit=False) as conn:
             with conn.cursor(name="files", row_factory=class_row(FileEntry)) as cur:
                 cur.itersize = 2000
@@ -645,11 +513,11 @@ class DataRepos:
                 )
                 yield from cur
 
-    def listing(self, commit: Commit, prefix: str = "/") -> list[tuple[str, str, int, int]]:
-        """The entries directly under `prefix`: (name, 'file'|'dir', size, files)."""
+    def listing(self, commit: Commit, prefix: str = "/") -> list[Entry]:
+        """The entries directly under `prefix`."""
         prefix = normalize_path(prefix)
         base = prefix.rstrip("/") + "/"
-        like = base.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_")
+        like = db.like_escape(base)
         with self.connect() as conn:
             rows = conn.execute(
                 """SELECT split_part(substr(path, %(n)s), '/', 1) AS name,
@@ -665,9 +533,9 @@ class DataRepos:
                     [commit.id, prefix],
                 ).fetchone()
                 if single:
-                    return [(prefix.rsplit("/", 1)[1], "file", single[0], 1)]
+                    return [Entry(prefix.rsplit("/", 1)[1], "file", single[0], 1)]
                 raise NotFound(f"{commit.ref} has no file or folder {prefix}")
-        return [(name, "dir" if d else "file", size, n) for name, d, size, n in rows]
+        return [Entry(name, "dir" if d else "file", size, n) for name, d, size, n in rows]
 
     def diff(self, old: Commit, new: Commit) -> Iterator[tuple[str, str, int | None, int | None]]:
         """(status, path, old size, new size) for each path that differs; status is one of
@@ -687,6 +555,9 @@ class DataRepos:
             )
             yield from cur
 
+    def open(self, commit: Commit, entry: FileEntry) -> IO[bytes]:
+        return self.store.open(entry.sha256)
+
     def get(self, commit: Commit, path: str, output: Path) -> int:
         """Write a file, or every file under a folder, of `commit` to `output`; return the count.
         Each file is written under a temporary name and renamed: no half-written files."""
@@ -704,3 +575,22 @@ class DataRepos:
         if not written:
             raise NotFound(f"{commit.ref} has no file or folder {path}", "see 'cdl data ls'")
         return written
+
+    def record_stats(self, commit: Commit, path: str, fmt: str, stats: dict) -> None:
+        with self.connect() as conn:
+            conn.execute(
+                """INSERT INTO data_commit_stats (commit_id, path, format, stats)
+                   VALUES (%s, %s, %s, %s)
+                   ON CONFLICT (commit_id, path, format) DO UPDATE
+                   SET stats = EXCLUDED.stats, computed_at = now()""",
+                [commit.id, path, fmt, Jsonb(stats)],
+            )
+
+    def stored_stats(self, commit: Commit) -> list[dict]:
+        """The statistics recorded for `commit` so far."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT stats FROM data_commit_stats WHERE commit_id = %s ORDER BY path, format",
+                [commit.id],
+            ).fetchall()
+        return [row[0] for row in rows]
