@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.core.errors import CDLError
-from pipelines.data.pachyderm import PachydermData, request_as_dict, request_for, spec_json
+from pipelines.core.errors import CDLError, Unavailable
+from pipelines.data.pachyderm import PachydermRepos, request_as_dict, request_for, spec_json
 from pipelines.data.spec import load_spec, parse_spec
-from tests.conftest import REPO, cdl
+from tests.conftest import REPO, cdl, make_project, stack_for
 
 SPECS = sorted(p for p in (REPO / "use_cases").glob("*/data/*") if p.suffix in (".json", ".yaml"))
 
@@ -86,9 +86,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def pachyderm_stack(address: str):
+    config = {"stacks": {"local": {"data": {"engine": "pachyderm", "pachd_address": address}}}}
+    return stack_for(make_project(config))
+
+
 def test_unreachable_pachd_is_a_clear_error():
-    pach = PachydermData(f"grpc://127.0.0.1:{free_port()}")
-    with pytest.raises(CDLError) as err:
+    pach = PachydermRepos(pachyderm_stack(f"grpc://127.0.0.1:{free_port()}"))
+    with pytest.raises(Unavailable) as err:
         pach.check()
     assert "cannot reach pachd at grpc://127.0.0.1:" in str(err.value)
     assert "pachd_address" in err.value.fix
@@ -96,7 +101,7 @@ def test_unreachable_pachd_is_a_clear_error():
 
 def test_bad_pachd_address():
     with pytest.raises(CDLError, match="pachd_address 'ftp://x'"):
-        PachydermData("ftp://x")
+        PachydermRepos(pachyderm_stack("ftp://x"))
 
 
 def test_cli_on_a_pachyderm_stack(project_dir):
@@ -109,7 +114,13 @@ def test_cli_on_a_pachyderm_stack(project_dir):
     [line] = listing.stderr.strip().splitlines()
     assert f"cannot reach pachd at {address}" in line
     log = cdl("data", "log", "images@master", cwd=folder)
-    assert log.returncode == 1 and f"cannot reach pachd at {address} (list commits)" in log.stderr
-    local_only = cdl("data", "diff", "a@master^", "a@master", cwd=folder)
+    assert (
+        log.returncode == 1
+        and f"cannot reach pachd at {address} (list commits of images)" in log.stderr
+    )
+    local_only = cdl("data", "clean", "a", cwd=folder)
     assert local_only.returncode == 1
-    assert "'cdl data diff' needs the local data engine" in local_only.stderr
+    assert "'cdl data clean' needs the local data engine" in local_only.stderr
+    # The CLI reads the stack's engine and calls its backend: no local repos are consulted.
+    put = cdl("data", "put", "images@master", str(folder / "cdl.yaml"), cwd=folder)
+    assert put.returncode == 1 and f"cannot reach pachd at {address}" in put.stderr

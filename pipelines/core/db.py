@@ -8,7 +8,7 @@ the connection ends, so a process that dies never leaves one behind.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import psycopg
 from psycopg.rows import class_row
@@ -58,7 +58,3 @@ def fetch_all(conn: psycopg.Connection, cls: type[T], query: str, params: Any = 
 def fetch_one(conn: psycopg.Connection, cls: type[T], query: str, params: Any = ()) -> T | None:
     with conn.cursor(row_factory=class_row(cls)) as cur:
         return cur.execute(query, params).fetchone()
-
-
-def columns(cursor: psycopg.Cursor) -> Sequence[str]:
-    return [c.name for c in cursor.description or []]

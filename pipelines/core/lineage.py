@@ -15,6 +15,7 @@ from enum import Enum
 import psycopg
 from psycopg.types.json import Jsonb
 
+from pipelines.core import db
 from pipelines.core.errors import Invalid, NotFound
 
 
@@ -115,7 +116,7 @@ def get_node(conn: psycopg.Connection, nid: str) -> Node | None:
 def similar_ids(conn: psycopg.Connection, wanted: str, limit: int = 5) -> list[str]:
     """Ids containing the key part of `wanted`, nodes of the same kind first."""
     kind, _, key = wanted.rpartition(":")
-    pattern = "%" + key.replace("%", r"\%").replace("_", r"\_") + "%"
+    pattern = "%" + db.like_escape(key) + "%"
     rows = conn.execute(
         """SELECT id FROM lineage_nodes WHERE id ILIKE %s
            ORDER BY kind = %s DESC, created_at DESC LIMIT %s""",

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import psycopg
 
+from pipelines.core import db
 from pipelines.core.errors import StackError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 FILE_PATTERN = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-LOCK_KEY = 0x43444C  # "CDL": one migrator at a time across processes
+LOCK_NAME = "cdl.migrations"  # one migrator at a time across processes
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,7 @@ def apply(dsn: str, migrations: list[Migration] | None = None) -> list[Migration
     migrations = discover() if migrations is None else migrations
     applied_now = []
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", [LOCK_KEY])
-        try:
+        with db.advisory_lock(conn, LOCK_NAME):
             conn.execute(
                 """CREATE TABLE IF NOT EXISTS cdl_schema_migrations (
                        version integer PRIMARY KEY,
@@ -89,8 +89,6 @@ def apply(dsn: str, migrations: list[Migration] | None = None) -> list[Migration
                         [migration.version, migration.name, migration.checksum],
                     )
                 applied_now.append(migration)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", [LOCK_KEY])
     return applied_now
 
 

@@ -541,25 +541,26 @@ class PipelineEngine:
     # -- reading jobs --------------------------------------------------------------------
 
     def jobs(self, pipeline: str | None = None, limit: int = 20) -> list[Job]:
-        with self.stack.connect() as conn, conn.cursor(row_factory=dict_row) as cur:
-            rows = cur.execute(
+        with self.stack.connect() as conn:
+            return db.fetch_all(
+                conn,
+                Job,
                 """SELECT * FROM pipeline_jobs WHERE %(p)s::text IS NULL OR pipeline = %(p)s
                    ORDER BY started_at DESC LIMIT %(n)s""",
                 {"p": pipeline, "n": limit},
-            ).fetchall()
-        return [Job(**r) for r in rows]
+            )
 
     def job(self, job_id: str) -> Job:
-        with self.stack.connect() as conn, conn.cursor(row_factory=dict_row) as cur:
-            rows = cur.execute(
-                "SELECT * FROM pipeline_jobs WHERE id LIKE %s LIMIT 2", [job_id + "%"]
-            ).fetchall()
+        with self.stack.connect() as conn:
+            rows = db.fetch_all(
+                conn, Job, "SELECT * FROM pipeline_jobs WHERE id LIKE %s LIMIT 2", [job_id + "%"]
+            )
         if len(rows) != 1:
             raise NotFound(
                 f"{'no job' if not rows else 'more than one job'} starts with '{job_id}'",
                 "see 'cdl data job list'",
             )
-        return Job(**rows[0])
+        return rows[0]
 
     def job_datums(self, job_id: str, state: str | None = None) -> list[dict]:
         job = self.job(job_id)

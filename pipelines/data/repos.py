@@ -208,8 +208,7 @@ class DataRepos:
 
     @staticmethod
     def commit_by_id(conn: psycopg.Connection, commit_id: str) -> Commit | None:
-        with conn.cursor(row_factory=class_row(Commit)) as cur:
-            return cur.execute("SELECT * FROM data_commits WHERE id = %s", [commit_id]).fetchone()
+        return db.fetch_one(conn, Commit, "SELECT * FROM data_commits WHERE id = %s", [commit_id])
 
     def _resolve(self, conn: psycopg.Connection, ref: Ref) -> Commit:
         self.require_repo(conn, ref.repo)

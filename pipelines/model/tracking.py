@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import psycopg
 
+from pipelines.core import db
 from pipelines.core.errors import StackError
 from pipelines.core.postgres import mask_password
 from pipelines.core.stack import Stack
 
 # Two commands touching a fresh database at once would both create MLflow's tables.
-SCHEMA_LOCK = 0x6D6C666C
+SCHEMA_LOCK = "cdl.mlflow.schema"
 
 
 def _database_dsn(stack: Stack) -> str:
@@ -44,8 +45,10 @@ def client(stack: Stack):
             tracker = MlflowClient(uri, uri)
             tracker.search_experiments(max_results=1)
         else:
-            with psycopg.connect(_database_dsn(stack), connect_timeout=5) as conn:
-                conn.execute("SELECT pg_advisory_lock(%s)", [SCHEMA_LOCK])
+            with (
+                psycopg.connect(_database_dsn(stack), connect_timeout=5) as conn,
+                db.advisory_lock(conn, SCHEMA_LOCK),
+            ):
                 tracker = MlflowClient(uri, uri)
                 tracker.search_experiments(max_results=1)  # creates or upgrades the tables
     except (psycopg.OperationalError, MlflowException) as exc:
