@@ -90,9 +90,7 @@ def demo(
     name = time.strftime("demo-%Y%m%d-%H%M%S")
     rows = labeling.snapshot(name)
     console.print(f"snapshot bbc_news/{name}: {rows} labels")
-    with stack.connect() as conn:
-        tree = lineage.tree(conn, f"label_snapshot:bbc_news/{name}", depth=6)
-    console.print(render(tree))
+    console.print(render(lineage.show(stack, f"label_snapshot:bbc_news/{name}", depth=6)))
     console.print(
         "Next: [bold]cdl label snapshot show bbc_news " + name + "[/], "
         "[bold]cdl data job list[/], [bold]cdl stack down[/]."

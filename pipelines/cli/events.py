@@ -29,7 +29,7 @@ def tail(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
     """Print the latest events, and with --follow every new one as it happens."""
-    stack = cli_context(ctx).stack
+    log = events.EventLog(cli_context(ctx).stack)
 
     def show(event: events.Event) -> None:
         if as_json:
@@ -37,13 +37,12 @@ def tail(
         else:
             console.print(event.line(), highlight=False, soft_wrap=True)
 
-    with stack.connect() as conn:
-        past = events.recent(conn, lines, types) if lines else []
-        start = events.last_id(conn)
+    start = log.last_id()
+    past = log.recent(lines, types) if lines else []
     for event in past:
         show(event)
     if follow:
-        for event in events.follow(stack.dsn(), start, types):
+        for event in log.follow(max([start, *(e.id for e in past)]), types):
             show(event)
 
 
@@ -63,8 +62,7 @@ def emit(
         ) from exc
     if not isinstance(data, dict):
         raise Invalid("--payload must be a JSON object", "wrap the value in {...}")
-    with cli_context(ctx).stack.connect() as conn:
-        event = events.emit(conn, event_type, subject, data)
+    event = events.EventLog(cli_context(ctx).stack).emit(event_type, subject, data)
     console.print(event.line(), highlight=False, soft_wrap=True)
 
 
@@ -80,11 +78,10 @@ def wait(
 ) -> None:
     """Block until a matching event happens, print it as JSON and exit 0 (for CI jobs that wait
     on a pipeline, e.g. `cdl events wait model.evaluation.passed`)."""
-    stack = cli_context(ctx).stack
+    log = events.EventLog(cli_context(ctx).stack)
     if after is None:
-        with stack.connect() as conn:
-            after = events.last_id(conn)
-    for event in events.follow(stack.dsn(), after, types, timeout_s=timeout):
+        after = log.last_id()
+    for event in log.follow(after, types, timeout_s=timeout):
         if subject is None or event.subject == subject:
             print(json.dumps(event.to_dict()), flush=True)
             return
@@ -101,9 +98,7 @@ def dispatch(
 ) -> None:
     """Deliver events to the subscribers in cdl.yaml (console, webhook, command). `cdl stack up`
     runs this in the background as the 'events' service; run it here to watch deliveries."""
-    settings = cli_context(ctx).settings
-    stack = cli_context(ctx).stack
-    dispatcher = events.Dispatcher(stack.dsn(), settings.stack.events.subscribers)
+    dispatcher = events.EventLog(cli_context(ctx).stack).dispatcher()
     if once:
         handled = dispatcher.run_once()
         console.print(f"handled {handled} event deliveries")

@@ -62,8 +62,7 @@ def show(
     """Print the upstream tree of ID (its inputs, their inputs, ...), or with --downstream the
     tree of everything derived from it."""
     direction = "downstream" if downstream else "upstream"
-    with cli_context(ctx).stack.connect() as conn:
-        root = lineage.tree(conn, node_id, direction, depth)
+    root = lineage.show(cli_context(ctx).stack, node_id, direction, depth)
     if as_json:
         print(json.dumps(root.to_dict(), indent=2, default=str))
     else:

@@ -141,6 +141,33 @@ def follow(
                 pass
 
 
+class EventLog:
+    """A stack's event log as commands use it: each call on its own connection."""
+
+    def __init__(self, stack):
+        self.stack = stack
+
+    def recent(self, limit: int = 20, patterns: list[str] | None = None) -> list[Event]:
+        with self.stack.connect() as conn:
+            return recent(conn, limit, patterns)
+
+    def last_id(self) -> int:
+        with self.stack.connect() as conn:
+            return last_id(conn)
+
+    def emit(self, type: str, subject: str | None, payload: dict) -> Event:
+        with self.stack.connect() as conn:
+            return emit(conn, type, subject, payload)
+
+    def follow(
+        self, after_id: int, patterns: list[str] | None = None, timeout_s: float | None = None
+    ) -> Iterator[Event]:
+        return follow(self.stack.dsn(), after_id, patterns, timeout_s)
+
+    def dispatcher(self) -> "Dispatcher":
+        return Dispatcher(self.stack.dsn(), self.stack.settings.stack.events.subscribers)
+
+
 def register(conn: psycopg.Connection, subscribers: list[Subscriber]) -> None:
     """New subscribers hear the events after the newest one now, instead of all history."""
     for sub in subscribers:

@@ -125,6 +125,12 @@ def similar_ids(conn: psycopg.Connection, wanted: str, limit: int = 5) -> list[s
     return [r[0] for r in rows]
 
 
+def show(stack, nid: str, direction: str = "upstream", depth: int = 50) -> Node:
+    """`tree` on its own connection to the stack's database, for commands."""
+    with stack.connect() as conn:
+        return tree(conn, nid, direction, depth)
+
+
 def tree(conn: psycopg.Connection, nid: str, direction: str = "upstream", depth: int = 50) -> Node:
     """The node with everything upstream (or downstream) of it, as a tree.
 

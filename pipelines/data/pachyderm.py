@@ -326,7 +326,7 @@ class PachydermRepos(_Pachd):
                 branch=self._branch(repo, branch), description=message
             ) as commit:
                 fill(commit)
-            return self.client.pfs.wait_commit(commit.commit)
+            return commit.wait()
 
         return self._commit(self._call(f"commit to {repo}@{branch}", run))
 

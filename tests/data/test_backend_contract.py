@@ -135,3 +135,20 @@ def test_pachyderm_reads_are_these_requests(pachd):
     assert (walk.file.commit.id, walk.file.path) == (head.id, "/b")
     [get] = pachd.sent("GetFile")
     assert (get.file.commit.id, get.file.path) == (head.id, "/b/3.txt")
+
+
+def test_writes_make_one_commit_with_exactly_those_changes(backend, tmp_path):
+    engine, data = backend
+    before = data.resolve("raw")
+    carried = data.write("raw", {"/c/4.txt": b"four"}, deletes=["/a/1.txt"], message="edit")
+    assert carried.id != before.id and carried.state == "finished"
+    after = [e.path for e in data.files(data.resolve("raw"))]
+    assert after == ["/a/2.txt", "/b/3.txt", "/c/4.txt"]
+    replaced = data.write("raw", {"/only.txt": b"x"}, carry_parent=False)
+    assert [e.path for e in data.files(replaced)] == ["/only.txt"]
+    (tmp_path / "new.txt").write_bytes(b"new")
+    put, scan = data.put(Ref.parse("raw@master"), [tmp_path / "new.txt"], dest="/in")
+    assert [e.path for e in data.files(put)] == ["/in/new.txt", "/only.txt"]
+    assert [path for _, path in scan.files] == ["/in/new.txt"]
+    removed = data.delete(Ref.parse("raw"), ["/in"])
+    assert [e.path for e in data.files(removed)] == ["/only.txt"]
