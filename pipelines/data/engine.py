@@ -475,7 +475,7 @@ class PipelineEngine:
                 error = f"timed out after {spec.datum_timeout} (datum_timeout)"
             except FileNotFoundError as exc:
                 error = f"cannot run {transform.cmd[0]!r}: {exc.strerror}"
-            except CDLError as exc:
+            except Invalid as exc:  # an output /pfs/out cannot hold
                 error = exc.problem
             finally:
                 shutil.rmtree(root, ignore_errors=True)

@@ -101,7 +101,10 @@ class Registry:
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 return None
-            raise
+            raise Unavailable(
+                f"MLflow could not look up {name}@{alias}: {str(exc).splitlines()[0]}",
+                "check the tracking store ('cdl stack status', tracking.uri)",
+            ) from exc
 
     def load(self, name: str, alias: str) -> RegisteredModel | None:
         """The version that carries `alias`, loaded; None when there is none."""
