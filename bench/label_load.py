@@ -23,7 +23,8 @@ from datetime import datetime, timezone
 
 from common import throwaway_stack
 
-from pipelines.data.labeling import Labeling, use_case
+from pipelines.data.labeling.spec import use_case
+from pipelines.data.labeling.store import LabelStore
 
 TARGET_RATIO = 20
 COLUMNS = (
@@ -147,9 +148,9 @@ def main() -> None:
             copy_s = timed(lambda: raw_copy(conn, rows))
             insert_s = timed(lambda: raw_insert(conn, rows))
             naive_s = timed(lambda: store_row_by_row(conn, rows))
-        labeling = Labeling(stack, use_case("bbc_news"), client=object())
+        store = LabelStore(stack, use_case("bbc_news"))
         present = [r["annotation_id"] for r in rows]
-        store_s = timed(lambda: labeling._load(rows, present, "f" * 32, None))
+        store_s = timed(lambda: store.load(rows, present, "f" * 32, None))
     n = len(rows)
     figures = {
         "rows": n,

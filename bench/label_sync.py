@@ -21,7 +21,10 @@ from pathlib import Path
 from common import cdl, throwaway_stack
 
 from pipelines.data import bbc
-from pipelines.data.labeling import WEBHOOK_SERVICE, Labeling, class_of, use_case
+from pipelines.data.labeling.rows import class_of
+from pipelines.data.labeling.service import Labeling
+from pipelines.data.labeling.spec import use_case
+from pipelines.data.labeling.webhooks import WEBHOOK_SERVICE
 from pipelines.data.repos import DataRepos, Ref
 
 SYNC_TARGET_S = 30

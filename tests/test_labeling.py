@@ -22,14 +22,14 @@ from pipelines.core import lineage
 from pipelines.core.errors import CDLError
 from pipelines.data import bbc
 from pipelines.data.engine import PipelineEngine
-from pipelines.data.label_studio import LabelStudioClient, LabelStudioServer
-from pipelines.data.labeling import (
-    WEBHOOK_SERVICE,
-    Labeling,
-    file_predictor,
-    use_case,
-    webhook_spec,
-)
+from pipelines.data.labeling import rows as labeling_rows
+from pipelines.data.labeling import webhooks
+from pipelines.data.labeling.client import LabelStudioClient
+from pipelines.data.labeling.predictor import file_predictor
+from pipelines.data.labeling.server import LabelStudioServer
+from pipelines.data.labeling.service import ExportResult, Labeling
+from pipelines.data.labeling.spec import use_case, use_cases_by_project
+from pipelines.data.labeling.webhooks import WEBHOOK_SERVICE, webhook_spec
 from pipelines.data.repos import DataRepos, Ref
 from tests.conftest import REPO, cdl, destroy, make_project, stack_for
 
@@ -124,19 +124,16 @@ def test_sync_auto_export_snapshot(lab, tmp_path):
     PipelineEngine(stack).run_pending()
     assert labeling.sync()[0] == 1
     task_id, annotation_id = label_rows(stack, "task_id", "annotation_id")[0]
-    labeling.client.request(
-        "PATCH",
-        f"/api/annotations/{annotation_id}",
-        json={
-            "result": [
-                {
-                    "from_name": "topic",
-                    "to_name": "text",
-                    "type": "choices",
-                    "value": {"choices": ["politics"]},
-                }
-            ]
-        },
+    labeling.client.sdk.annotations.update(
+        id=annotation_id,
+        result=[
+            {
+                "from_name": "topic",
+                "to_name": "text",
+                "type": "choices",
+                "value": {"choices": ["politics"]},
+            }
+        ],
     )
     labeling.export()  # (or the webhook) adds the changed annotation as version 2
     with stack.connect() as conn:
@@ -185,7 +182,7 @@ def test_annotations_reach_the_store_through_the_webhook(lab, tmp_path):
     assert changed == [("added", f"/tasks/{task_id}.json")]
 
     # A deleted annotation reaches the store the same way: it leaves the current labels.
-    labeling.client.request("DELETE", f"/api/annotations/{annotation['id']}")
+    labeling.client.sdk.annotations.delete(id=annotation["id"])
     while current_label(stack, annotation["id"]):
         assert time.monotonic() < deadline + 30, log.read_text()
         time.sleep(0.2)
@@ -206,7 +203,6 @@ def test_webhook_receiver_retries_a_failed_export(project_factory, monkeypatch):
 
     from pipelines.core.errors import StackError
     from pipelines.core.postgres import free_port
-    from pipelines.data import labeling as labeling_module
 
     stack = project_factory()
     outcomes = [StackError("cannot reach the platform database"), RuntimeError("connection lost")]
@@ -216,14 +212,17 @@ def test_webhook_receiver_retries_a_failed_export(project_factory, monkeypatch):
         exports.append((self.case.name, tasks, time.monotonic()))
         if outcomes:
             raise outcomes.pop(0)
-        return labeling_module.ExportResult(None, 1, 1, 1, 0, [])
+        return ExportResult(None, 1, 1, 1, 0, [])
 
     monkeypatch.setattr(Labeling, "export", export)
-    monkeypatch.setattr(labeling_module, "RETRY_S", 0.2)
+    monkeypatch.setattr(webhooks, "RETRY_S", 0.2)
     port, stop, said = free_port(), threading.Event(), []
-    receiver = threading.Thread(
-        target=labeling_module.serve_webhooks, args=(stack, port, stop, said.append)
+    receiver = webhooks.WebhookReceiver(
+        use_cases_by_project(),
+        lambda name, scope: Labeling(stack, use_case(name)).export_scope(scope),
+        said.append,
     )
+    receiver = threading.Thread(target=receiver.serve, args=(port, stop))
     receiver.start()
     try:
         deadline = time.monotonic() + 10
@@ -253,13 +252,18 @@ def test_webhook_receiver_retries_a_failed_export(project_factory, monkeypatch):
 
 
 def test_event_scope():
-    from pipelines.data.labeling import event_scope, merge_scopes
+    from pipelines.data.labeling.webhooks import event_scope, merge_scopes
 
     created = {"action": "ANNOTATION_CREATED", "annotation": {"id": 4, "task": 9}}
     assert event_scope(created) == {("task", 9)}
     assert event_scope({**created, "task": {"id": 9}}) == {("task", 9)}
     deleted = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 4}, {"id": 5}]}
     assert event_scope(deleted) == {("annotation", 4), ("annotation", 5)}
+    bulk = {
+        "action": "ANNOTATIONS_CREATED",
+        "annotation": [{"id": 4, "task": 9}, {"id": 6, "task": 8}],
+    }
+    assert event_scope(bulk) == {("task", 9), ("task", 8)}
     assert event_scope({"action": "ANNOTATION_UPDATED"}) is None  # names nothing: export all
     assert event_scope({"action": "ANNOTATIONS_DELETED", "annotations": "x"}) is None
     assert merge_scopes({("task", 1)}, {("task", 2)}) == {("task", 1), ("task", 2)}
@@ -397,7 +401,7 @@ def test_deleted_annotation_leaves_the_current_labels(quiet_lab):
     *_, (task_id, annotation_id, version, label) = label_rows(
         stack, "task_id", "annotation_id", "version", "label"
     )
-    labeling.client.request("DELETE", f"/api/annotations/{annotation_id}")
+    labeling.client.sdk.annotations.delete(id=annotation_id)
     result = labeling.export(tasks=[task_id])  # incremental: just that task
     assert (result.tasks, result.deleted, result.loaded) == (0, 1, 0)
     repos = DataRepos(stack)
@@ -513,10 +517,8 @@ def test_fashion_images_through_the_loop(lab, tmp_path):
         assert conn.execute("SELECT count(*) FROM label_rows_fashion_mnist_test").fetchone() == (
             10,
         )
-    [task] = fashion.client.request(
-        "GET", "/api/tasks", params={"project": fashion.project(), "page_size": 1}
-    )["tasks"]
-    assert task["data"]["image"].startswith("data:image/png;base64,")
+    [task] = fashion.client.sdk.tasks.list(project=fashion.project(), page_size=1).items
+    assert task.data["image"].startswith("data:image/png;base64,")
 
 
 def test_cli(lab):
@@ -577,7 +579,7 @@ def test_predictions_become_pre_annotations(lab, tmp_path):
         task_id = conn.execute(
             "SELECT task_id FROM label_tasks WHERE path = %s", [new_path]
         ).fetchone()[0]
-    task = labeling.client.request("GET", f"/api/tasks/{task_id}")
+    task = labeling.client.task(task_id)
     [prediction] = task["predictions"]
     assert prediction["model_version"] == "bbc/3" and prediction["score"] == 0.87
     assert prediction["result"][0]["value"]["choices"] == ["sport"]
@@ -588,7 +590,7 @@ def test_predictions_become_pre_annotations(lab, tmp_path):
     predictions.write_text(json.dumps({"path": new_path, "label": "weather"}) + "\n")
     found = file_predictor(predictions)([(new_path, b"")])
     with pytest.raises(CDLError, match="label 'weather' is not in the labeling config"):
-        labeling._prediction(new_path, found[new_path])
+        labeling_rows.prediction(labeling.case, new_path, found[new_path])
 
 
 def fresh_articles(tmp_path, seed: int, docs: int):
@@ -629,10 +631,7 @@ def test_champion_model_pre_annotates_new_tasks(lab, tmp_path):
     result, new = add_and_sync(fresh_articles(tmp_path, seed=21, docs=5), "--pre-annotate")
     assert result.returncode == 0, result.stderr
     assert "no 'champion' version of model bbc-news yet" in result.stderr
-    assert new and all(
-        not labeling.client.request("GET", f"/api/tasks/{task_id}")["predictions"]
-        for task_id, _ in new
-    )
+    assert new and all(not labeling.client.task(task_id)["predictions"] for task_id, _ in new)
 
     # A real (small) model trained on the snapshot's train labels becomes the champion.
     labeling.auto_annotate()
@@ -655,7 +654,7 @@ def test_champion_model_pre_annotates_new_tasks(lab, tmp_path):
     assert len(new) == 20
     right = 0
     for task_id, path in new:
-        [prediction] = labeling.client.request("GET", f"/api/tasks/{task_id}")["predictions"]
+        [prediction] = labeling.client.task(task_id)["predictions"]
         assert prediction["model_version"] == f"bbc-news/{version}"
         assert 0 < prediction["score"] <= 1
         [choice] = prediction["result"][0]["value"]["choices"]
@@ -703,7 +702,7 @@ def test_a_changed_labeling_config_updates_the_project(lab, tmp_path):
     assert "science" in changed.case.labels
     try:
         project_id = changed.project()
-        stored = changed.client.request("GET", f"/api/projects/{project_id}")["label_config"]
+        stored = changed.client.label_config(project_id)
         assert '<Choice value="science"/>' in stored
         # Dropping a label the store uses would stop it loading: refused, and the project kept.
         config.write_text(original.replace('<Choice value="sport"/>', ""))
@@ -713,9 +712,9 @@ def test_a_changed_labeling_config_updates_the_project(lab, tmp_path):
             r"'sport' \(\d+ label\(s\)\)",
         ):
             Labeling(stack, use_case("bbc_news", root=tmp_path)).project()
-        stored = changed.client.request("GET", f"/api/projects/{project_id}")["label_config"]
+        stored = changed.client.label_config(project_id)
         assert '<Choice value="sport"/>' in stored
     finally:
         labeling.project()  # back to the repo's config
-    stored = labeling.client.request("GET", f"/api/projects/{project_id}")["label_config"]
+    stored = labeling.client.label_config(project_id)
     assert stored.strip() == labeling.case.label_config.strip()

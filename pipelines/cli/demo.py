@@ -18,7 +18,8 @@ from pipelines.core import lineage
 from pipelines.core.errors import CDLError
 from pipelines.data import bbc, formats
 from pipelines.data.backend import Ref, data_backend, pipeline_backend
-from pipelines.data.labeling import USE_CASES, Labeling, use_case
+from pipelines.data.labeling.service import Labeling
+from pipelines.data.labeling.spec import USE_CASES, use_case
 
 RAW_REPO = "bbc-raw"
 STEPS = ("clean", "validate", "report")

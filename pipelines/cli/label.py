@@ -11,13 +11,11 @@ from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console, say, stop_on_signal
 from pipelines.core.errors import Invalid
-from pipelines.data.labeling import (
-    Labeling,
-    file_predictor,
-    model_predictor,
-    serve_webhooks,
-    use_case,
-)
+from pipelines.data.labeling.predictor import file_predictor
+from pipelines.data.labeling.service import Labeling
+from pipelines.data.labeling.spec import use_case, use_cases_by_project
+from pipelines.data.labeling.webhooks import WebhookReceiver
+from pipelines.model.predictor import model_predictor
 from pipelines.model.registry import CHAMPION, registered_name
 
 app = typer.Typer(
@@ -76,10 +74,9 @@ def sync(
     if predictions:
         predict, source = file_predictor(predictions), f" from {predictions}"
     elif pre_annotate:
-        found = model_predictor(stack, case, CHAMPION)
-        if found:
-            predict, model = found
-            source = f" from {model} ({CHAMPION})"
+        predict = model_predictor(stack, case, CHAMPION)
+        if predict:
+            source = f" from {predict.ref} ({CHAMPION})"
         else:
             err_console.print(
                 f"no '{CHAMPION}' version of model {registered_name(name)} yet: importing "
@@ -178,4 +175,10 @@ def webhooks(
     they concern, retried with backoff when it fails. `cdl stack up --with label-studio` runs
     this as the 'label-webhooks' service, and `cdl label sync` points the project's webhooks at
     it."""
-    serve_webhooks(cli_context(ctx).stack, port, stop_on_signal(), say)
+    stack = cli_context(ctx).stack
+    receiver = WebhookReceiver(
+        use_cases_by_project(),
+        lambda name, scope: Labeling(stack, use_case(name)).export_scope(scope),
+        say,
+    )
+    receiver.serve(port, stop_on_signal())

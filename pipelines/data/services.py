@@ -12,8 +12,8 @@ LABEL_STUDIO = "label-studio"
 
 
 def services(stack: Stack) -> list[Service]:
-    from pipelines.data.label_studio import SERVICE, LabelStudioServer
-    from pipelines.data.labeling import WEBHOOK_SERVICE, webhook_spec
+    from pipelines.data.labeling.server import SERVICE, LabelStudioServer
+    from pipelines.data.labeling.webhooks import WEBHOOK_SERVICE, webhook_spec
 
     offered = [
         Service(SERVICE, lambda: LabelStudioServer(stack).spec(), group=LABEL_STUDIO),

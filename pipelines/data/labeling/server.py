@@ -1,4 +1,4 @@
-"""The Label Studio server of a stack and a small client for its REST API.
+"""The Label Studio server of a stack.
 
 The server runs from its own venv (`.cdl/venvs/label-studio`, made by `make setup`) as the
 supervised service 'label-studio', with its database in the stack's Postgres. Its admin user and
@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import httpx
-
-from pipelines.core.errors import Invalid, StackError, Unavailable
+from pipelines.core.errors import StackError
 from pipelines.core.postgres import free_port, port_is_free
 from pipelines.core.services import ServiceSpec
 from pipelines.core.stack import Stack
+from pipelines.data.labeling.client import LabelStudioClient
 
 SERVICE = "label-studio"
 ADMIN_EMAIL = "admin@cdl.local"
-RETRIES = 5
 
 
 def _secret(path: Path, make) -> str:
@@ -118,57 +114,9 @@ class LabelStudioServer:
             start_timeout_s=240,
         )
 
-    def client(self) -> "LabelStudioClient":
+    def client(self) -> LabelStudioClient:
         if not self.running():
             raise StackError(
                 "Label Studio is not running", "run 'cdl stack up --with label-studio'"
             )
         return LabelStudioClient(self.url, self.token)
-
-
-class LabelStudioClient:
-    """The REST calls CDL makes, retried with backoff while the server does not answer."""
-
-    def __init__(self, url: str, token: str, retries: int = RETRIES, backoff_s: float = 0.5):
-        self.url = url.rstrip("/")
-        self.http = httpx.Client(
-            base_url=self.url, timeout=60, headers={"Authorization": f"Token {token}"}
-        )
-        self.retries = retries
-        self.backoff_s = backoff_s
-
-    def request(self, method: str, path: str, **kwargs) -> Any:
-        response = self._send(method, path, **kwargs)
-        return response.json() if response.content else None
-
-    def request_bytes(self, method: str, path: str, **kwargs) -> bytes:
-        return self._send(method, path, **kwargs).content
-
-    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
-        for attempt in range(self.retries + 1):
-            try:
-                response = self.http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                if attempt == self.retries:
-                    raise Unavailable(
-                        f"Label Studio at {self.url} does not answer ({method} {path}: "
-                        f"{type(exc).__name__}) after {attempt + 1} tries",
-                        "run 'cdl stack up --with label-studio' and check "
-                        ".cdl/logs/label-studio.log",
-                    ) from exc
-                time.sleep(self.backoff_s * 2**attempt)
-                continue
-            if response.status_code >= 500 and attempt < self.retries:
-                time.sleep(self.backoff_s * 2**attempt)
-                continue
-            if response.status_code >= 400:
-                raise Invalid(
-                    f"Label Studio refused {method} {path}: HTTP "
-                    f"{response.status_code} {response.text[:300]}"
-                )
-            return response
-        raise AssertionError("unreachable")
-
-    def projects(self) -> list[dict]:
-        found = self.request("GET", "/api/projects", params={"page_size": 1000})
-        return found["results"] if isinstance(found, dict) else found
