@@ -4,10 +4,10 @@ jobs), with the entities both backends share. The local engine (`repos.DataRepos
 implement them; `pipelines/plugins.py` registers them under the concerns `data` and `pipelines`,
 and `data_backend(stack)` / `pipeline_backend(stack)` pick the one the stack's `data.engine` names.
 
-Adding a backend: a class taking the `Stack`, implementing every method of the port below with the
-same arguments and return types (an operation the engine cannot do raises `Unsupported` naming
-the command and what to use instead), one line in the plugin table, and the contract tests in
-tests/data/test_backend_contract.py passing for it.
+Adding a backend: a class taking the `Stack`, subclassing the port below and implementing each of
+its abstract methods with the same arguments and return types (an operation the engine cannot do
+raises `Unsupported` naming the command and what to use instead), one line in the plugin table,
+and the contract tests in tests/data/test_backend_contract.py passing for it.
 
 Errors, for every method: `NotFound` (repo, branch, commit, file, pipeline, job), `AlreadyExists`,
 `Invalid` (names, paths, specs), `Unavailable` (the engine does not answer), `Unsupported`.
@@ -18,16 +18,18 @@ from __future__ import annotations
 import getpass
 import os
 import re
+import shutil
 import socket
 import stat
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Callable, Iterator, Mapping, Protocol
+from typing import IO, TYPE_CHECKING, Callable, Iterator, Mapping
 
 from pipelines.core import lineage
-from pipelines.core.errors import Invalid
+from pipelines.core.errors import Invalid, NotFound
 from pipelines.plugins import backend_class
 
 if TYPE_CHECKING:
@@ -233,43 +235,54 @@ class Job:
 
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+CHUNK = 1 << 20
 
 
-class DataBackend(Protocol):
+class DataBackend(ABC):
     """Versioned data with Pachyderm semantics. Refs name a branch or a commit (see `Ref`);
     commits are immutable and appear whole or not at all."""
 
+    @abstractmethod
     def check(self) -> str:
         """What the backend is and where, e.g. 'pachd 2.12.2 at grpc://...'; `Unavailable` when
         it does not answer."""
 
     # -- repos and branches
+    @abstractmethod
     def create_repo(self, name: str, description: str = "") -> None:
         """A repo with an empty default branch. `Invalid` name, `AlreadyExists`."""
 
+    @abstractmethod
     def list_repos(self) -> list[RepoInfo]:
         """Every repo, by name; figures the backend does not know are None."""
 
+    @abstractmethod
     def delete_repo(self, name: str) -> None:
         """The repo, its branches and commits. `NotFound`; `Invalid` while other repos hold
         commits computed from it."""
 
+    @abstractmethod
     def branches(self, repo: str) -> list[tuple[str, Commit | None]]:
         """(branch, head commit or None when empty), by name."""
 
+    @abstractmethod
     def create_branch(self, repo: str, name: str, source: Ref | None = None) -> Commit | None:
         """A branch, empty or at `source`; returns its head."""
 
+    @abstractmethod
     def delete_branch(self, repo: str, name: str) -> None:
         """Only the branch: its commits stay."""
 
     # -- commits
+    @abstractmethod
     def resolve(self, ref: Ref | str) -> Commit:
         """The finished commit a ref names (`NotFound` with a hint when it names none)."""
 
+    @abstractmethod
     def log(self, repo: str, branch: str | None = None, limit: int = 50) -> list[Commit]:
         """A branch's commits from its head back, or with no branch the repo's, newest first."""
 
+    @abstractmethod
     def put(
         self,
         target: Ref,
@@ -285,6 +298,7 @@ class DataBackend(Protocol):
         commit and the scan (what was skipped and why). `on_wait` is called if another writer
         holds the branch."""
 
+    @abstractmethod
     def write(
         self,
         repo: str,
@@ -298,70 +312,102 @@ class DataBackend(Protocol):
         """One commit of in-memory files: with `carry_parent` the parent's files stay unless
         written or in `deletes`; without, the commit holds exactly `files`."""
 
+    @abstractmethod
     def delete(
         self, target: Ref, paths: list[str], message: str = "", author: str | None = None
     ) -> Commit:
         """A new commit on the branch without the given files or folders (`NotFound` if one
         matches nothing; then nothing is committed)."""
 
+    @abstractmethod
     def clean(self, repo: str) -> int:
         """Discard open commits left by writers that died; return how many."""
 
+    @abstractmethod
     def provenance(self, commit: Commit) -> list[Commit]:
         """Every commit upstream of `commit`, nearest first."""
 
     # -- files
+    @abstractmethod
     def files(self, commit: Commit, prefix: str = "/") -> Iterator[FileEntry]:
         """The commit's files at or under `prefix`, in path order, streamed."""
 
+    @abstractmethod
     def listing(self, commit: Commit, prefix: str = "/") -> list[Entry]:
         """The names directly under `prefix` (or the file `prefix` itself)."""
 
+    @abstractmethod
     def open(self, commit: Commit, entry: FileEntry) -> IO[bytes]:
         """A file's bytes as a stream (a context manager)."""
 
     def get(self, commit: Commit, path: str, output: Path) -> int:
         """A file, or every file under a folder, written to `output`; returns the count. No
-        half-written files: each is written under a temporary name and renamed."""
+        half-written files: each is written under a temporary name and renamed. (Shared by the
+        backends: it reads through `files` and `open`.)"""
+        path = normalize_path(path)
+        written = 0
+        for entry in self.files(commit, path):
+            target = output if entry.path == path else output / entry.path[len(path) :].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.partial")
+            with self.open(commit, entry) as stream, open(partial, "wb") as out:
+                shutil.copyfileobj(stream, out, CHUNK)
+            partial.replace(target)
+            written += 1
+        if not written:
+            raise NotFound(f"{commit.ref} has no file or folder {path}", "see 'cdl data ls'")
+        return written
 
+    @abstractmethod
     def diff(self, old: Commit, new: Commit) -> Iterator[tuple[str, str, int | None, int | None]]:
         """(added|removed|modified, path, old size, new size) per differing path, in order."""
 
+    @abstractmethod
     def record_stats(self, commit: Commit, path: str, fmt: str, stats: dict) -> None:
         """Keep a dataset's statistics (`cdl data stats`) with the commit."""
 
+    @abstractmethod
     def stored_stats(self, commit: Commit) -> list[dict]:
         """The statistics recorded for `commit` so far."""
 
 
-class PipelineBackend(Protocol):
+class PipelineBackend(ABC):
     """Pipelines in the Pachyderm spec format and the jobs they run."""
 
+    @abstractmethod
     def create(self, spec_path: Path, update: bool = False, reprocess: bool = False) -> dict:
         """Create (or update) the pipeline of a spec file and its output repo; returns at least
         {'name', 'version'}. `AlreadyExists` / `NotFound` for create / update, `Invalid` spec."""
 
+    @abstractmethod
     def delete(self, name: str, keep_repo: bool = False) -> None:
         """The pipeline, its jobs and (unless `keep_repo`) its output repo."""
 
+    @abstractmethod
     def list(self) -> list[dict]:
         """Pipelines with name, version, inputs, description, last job state and start."""
 
+    @abstractmethod
     def inspect(self, name: str) -> dict:
         """A pipeline's spec, version, where it runs and its latest jobs."""
 
+    @abstractmethod
     def run_pending(self, progress: Callable[[str], None] | None = None) -> list[Job]:
         """Run every due job here, following the chain downstream; returns the jobs run."""
 
+    @abstractmethod
     def jobs(self, pipeline: str | None = None, limit: int = 20) -> list[Job]:
         """Jobs, newest first."""
 
+    @abstractmethod
     def job(self, job_id: str) -> Job:
         """A job by id or unique id prefix."""
 
+    @abstractmethod
     def job_datums(self, job_id: str, state: str | None = None) -> list[dict]:
         """A job's datums: inputs, state, attempts, seconds, log."""
 
+    @abstractmethod
     def serve(self, stop: threading.Event, say: Callable[[str], None]) -> None:
         """Run jobs as commits arrive until `stop` is set (the stack's worker service)."""
 

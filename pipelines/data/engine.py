@@ -43,7 +43,7 @@ from psycopg.types.json import Jsonb
 from pipelines.core import db, events, lineage
 from pipelines.core.errors import AlreadyExists, CDLError, Invalid, NotFound, Unavailable
 from pipelines.core.stack import Stack
-from pipelines.data.backend import Commit, FileEntry, Job
+from pipelines.data.backend import Commit, FileEntry, Job, PipelineBackend
 from pipelines.data.datums import Datum, datums
 from pipelines.data.repos import DataRepos
 from pipelines.data.spec import PipelineSpec, load_spec, parse_duration, parse_spec
@@ -80,7 +80,7 @@ def _tail(text: str) -> str:
     return text[-LOG_TAIL:]
 
 
-class PipelineEngine:
+class PipelineEngine(PipelineBackend):
     def __init__(self, stack: Stack):
         self.stack = stack
         self.repos = DataRepos(stack)

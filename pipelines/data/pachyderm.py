@@ -30,9 +30,11 @@ from pipelines.core.stack import Stack
 from pipelines.data.backend import (
     DEFAULT_BRANCH,
     Commit,
+    DataBackend,
     Entry,
     FileEntry,
     Job,
+    PipelineBackend,
     Progress,
     Ref,
     RepoInfo,
@@ -158,7 +160,7 @@ def _time(value: datetime | None) -> datetime | None:
     return value if value and value.year > 1970 else None
 
 
-class PachydermRepos(_Pachd):
+class PachydermRepos(_Pachd, DataBackend):
     """Repos, commits and files on a pachd at `data.pachd_address` (grpc://host:30650)."""
 
     def _repo(self, name: str):
@@ -407,22 +409,6 @@ class PachydermRepos(_Pachd):
 
         return io.BytesIO(self._call(f"get {commit.ref}:{entry.path}", read))
 
-    def get(self, commit: Commit, path: str, output: Path) -> int:
-        path = normalize_path(path)
-        written = 0
-        for entry in self.files(commit, path):
-            target = output if entry.path == path else output / entry.path[len(path) :].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.partial")
-            with self.open(commit, entry) as remote, open(partial, "wb") as out:
-                while chunk := remote.read(io.DEFAULT_BUFFER_SIZE * 64):
-                    out.write(chunk)
-            partial.replace(target)
-            written += 1
-        if not written:
-            raise NotFound(f"{commit.ref} has no file or folder {path}", "see 'cdl data ls'")
-        return written
-
     def diff(self, old: Commit, new: Commit) -> Iterator[tuple[str, str, int | None, int | None]]:
         raise _unsupported("diff")
 
@@ -433,7 +419,7 @@ class PachydermRepos(_Pachd):
         raise _unsupported("stats")
 
 
-class PachydermPipelines(_Pachd):
+class PachydermPipelines(_Pachd, PipelineBackend):
     """Pipelines on a pachd: created, updated and deleted there; pachd runs their jobs."""
 
     def create(self, spec_path: Path, update: bool = False, reprocess: bool = False) -> dict:

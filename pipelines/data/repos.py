@@ -36,6 +36,7 @@ from pipelines.data.backend import (
     DEFAULT_BRANCH,
     REPO_NAME,
     Commit,
+    DataBackend,
     Entry,
     FileEntry,
     Ref,
@@ -97,7 +98,7 @@ class CommitWriter:
         self._rows.clear()
 
 
-class DataRepos:
+class DataRepos(DataBackend):
     def __init__(self, stack: Stack):
         self.stack = stack
         self.store = object_store_for(stack.settings)
@@ -556,24 +557,6 @@ class DataRepos:
 
     def open(self, commit: Commit, entry: FileEntry) -> IO[bytes]:
         return self.store.open(entry.sha256)
-
-    def get(self, commit: Commit, path: str, output: Path) -> int:
-        """Write a file, or every file under a folder, of `commit` to `output`; return the count.
-        Each file is written under a temporary name and renamed: no half-written files."""
-        path = normalize_path(path)
-        written = 0
-        for entry in self.files(commit, path):
-            target = output if entry.path == path else output / entry.path[len(path) :].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.partial")
-            with open(partial, "wb") as out:
-                for chunk in self.store.read_chunks(entry.sha256):
-                    out.write(chunk)
-            partial.replace(target)
-            written += 1
-        if not written:
-            raise NotFound(f"{commit.ref} has no file or folder {path}", "see 'cdl data ls'")
-        return written
 
     def record_stats(self, commit: Commit, path: str, fmt: str, stats: dict) -> None:
         with self.connect() as conn:
