@@ -17,7 +17,7 @@ from pipelines.data import bbc, fashion, formats
 from pipelines.data.engine import PipelineEngine
 from pipelines.data.pachyderm import PachydermData
 from pipelines.data.repos import Commit, DataRepos, Ref
-from pipelines.data.spec import load_spec
+from pipelines.data.spec import load_specs
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -382,15 +382,19 @@ def pipeline_create(
     spec: Path = SPEC_OPTION,
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
-    """Create a pipeline and its output repo (named after it). Its transform runs locally in the
-    spec's folder; a job starts as soon as every input branch has a commit. On a stack whose
-    data engine is pachyderm, the same spec is sent to pachd."""
+    """Create each pipeline of the file, in order, and its output repo (named after it). Its
+    transform runs locally in the spec's folder; a job starts as soon as every input branch has
+    a commit. On a stack whose data engine is pachyderm, the same specs are sent to pachd."""
     if pach := pachyderm(ctx):
-        pach.create_pipeline(load_spec(spec))
-        console.print(f"created pipeline on pachd {pach.address}")
+        for one in load_specs(spec):
+            pach.create_pipeline(one)
+            console.print(f"created pipeline {one.name} on pachd {pach.address}")
         return
-    info = engine(ctx).create(spec)
-    console.print(f"created pipeline {info['name']} (output repo {info['name']})")
+    for one in load_specs(spec):
+        info = engine(ctx).create(spec, spec=one)
+        console.print(f"created pipeline {info['name']} (output repo {info['name']})")
+        if info["ignored"]:
+            console.print(f"note: cluster-only, ignored here: {', '.join(info['ignored'])}")
     if wait:
         run_and_report(ctx)
 
@@ -404,14 +408,16 @@ def pipeline_update(
     ),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
-    """Update a pipeline from its spec. A changed transform or changed code files make a new
+    """Update each pipeline of the file. A changed transform or changed code files make a new
     version whose datums run again; otherwise only new or changed datums run."""
     if pach := pachyderm(ctx):
-        pach.create_pipeline(load_spec(spec), update=True, reprocess=reprocess)
-        console.print(f"updated pipeline on pachd {pach.address}")
+        for one in load_specs(spec):
+            pach.create_pipeline(one, update=True, reprocess=reprocess)
+            console.print(f"updated pipeline {one.name} on pachd {pach.address}")
         return
-    info = engine(ctx).create(spec, update=True, reprocess=reprocess)
-    console.print(f"updated pipeline {info['name']} to version {info['version']}")
+    for one in load_specs(spec):
+        info = engine(ctx).create(spec, update=True, reprocess=reprocess, spec=one)
+        console.print(f"updated pipeline {info['name']} to version {info['version']}")
     if wait:
         run_and_report(ctx)
 
