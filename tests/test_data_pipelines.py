@@ -4,6 +4,7 @@ import json
 import os
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,11 @@ import yaml
 
 from pipelines.core import events, lineage
 from pipelines.core.errors import CDLError
-from pipelines.data.datums import match
+from pipelines.data.datums import datums, match
 from pipelines.data.engine import PipelineEngine
 from pipelines.data.repos import DataRepos, FileEntry, Ref
-from pipelines.data.spec import load_spec, parse_spec
+from pipelines.data.schedule import parse_cron
+from pipelines.data.spec import load_spec, load_specs, parse_spec
 from tests.conftest import cdl
 
 # Copies each input file of the datum to /pfs/out under the same path, upper-cased.
@@ -90,11 +92,22 @@ def source(repos):
     [
         ({"transform": {"cmdd": ["x"]}}, "transform.cmdd: unknown field"),
         ({"colour": "blue"}, "colour: unknown field"),
-        ({"input": {"pfs": {"repo": "r", "glob": "*"}}}, "input.pfs.glob: .*must start with '/'"),
+        ({"transform": {"cmd": ["x"], "errCmdd": []}}, "transform.errCmdd: unknown field"),
+        ({"parallelismSpec": {"constant": 0}}, "parallelismSpec.constant"),
+        ({"reprocessSpec": "sometimes"}, "reprocessSpec: Input should be 'until_success'"),
         ({"input": {"pfs": {"repo": "r", "glob": "/[a*"}}}, "unclosed '\\['"),
         ({"input": {"pfs": {"repo": "r", "glob": "/{a,b}"}}}, "use a union"),
         ({"input": {"pfs": {"repo": "r", "glob": "/"}, "union": []}}, "exactly one of pfs"),
-        ({"input": {"cross": [{"pfs": {"repo": "r", "glob": "/"}}]}}, "at least two inputs"),
+        ({"input": {"cross": []}}, "'cross' needs at least one input"),
+        ({"input": {"pfs": {"repo": "out", "glob": "/"}}}, "no input can be named 'out'"),
+        (
+            {"input": {"group": [{"pfs": {"repo": "a", "glob": "/*", "joinOn": "$1"}}]}},
+            "every input of a group is a pfs input with 'group_by'",
+        ),
+        ({"input": {"cron": {"name": "t", "spec": "@sometimes"}}}, "input.cron.spec: unknown"),
+        ({"input": {"cron": {"name": "t", "spec": "61 * * * *"}}}, "minute '61' is outside"),
+        ({"spout": {}}, "a spout pipeline .* has no 'input'"),
+        ({"input": None}, "'input' is missing"),
         (
             {
                 "input": {
@@ -105,6 +118,22 @@ def source(repos):
                 }
             },
             "repeated: r",
+        ),
+        (  # the inputs of a union may share a name, but not with an input crossed with it
+            {
+                "input": {
+                    "cross": [
+                        {
+                            "union": [
+                                {"pfs": {"repo": "a", "glob": "/", "name": "x"}},
+                                {"pfs": {"repo": "b", "glob": "/", "name": "x"}},
+                            ]
+                        },
+                        {"pfs": {"repo": "c", "glob": "/", "name": "x"}},
+                    ]
+                }
+            },
+            "repeated: x",
         ),
         (
             {
@@ -135,6 +164,51 @@ def test_spec_errors_name_the_field(change, message):
         parse_spec(spec, "spec.yaml")
 
 
+def test_camel_and_snake_case_make_one_spec():
+    snake = {
+        "pipeline": {"name": "p"},
+        "transform": {"cmd": ["true"], "accept_return_code": [3], "image_pull_secrets": ["k"]},
+        "input": {
+            "join": [
+                {"pfs": {"repo": "a", "glob": "(*)", "join_on": "$1", "outer_join": True}},
+                {"pfs": {"repo": "b", "glob": "/(*)", "join_on": "$1", "empty_files": True}},
+            ]
+        },
+        "parallelism_spec": {"constant": 2},
+        "datum_tries": 1,
+        "output_branch": "out",
+        "resource_requests": {"cpu": 1, "memory": "1G"},
+        "datum_set_spec": {"size_bytes": 1000},
+    }
+    camel = {
+        "pipeline": {"name": "p"},
+        "transform": {"cmd": ["true"], "acceptReturnCode": [3], "imagePullSecrets": ["k"]},
+        "input": {
+            "join": [
+                {"pfs": {"repo": "a", "glob": "/(*)", "joinOn": "$1", "outerJoin": True}},
+                {"pfs": {"repo": "b", "glob": "(*)", "joinOn": "$1", "emptyFiles": True}},
+            ]
+        },
+        "parallelismSpec": {"constant": 2},
+        "datumTries": 1,
+        "outputBranch": "out",
+        "resourceRequests": {"cpu": 1, "memory": "1G"},
+        "datumSetSpec": {"sizeBytes": 1000},
+    }
+    one, other = parse_spec(snake), parse_spec(camel)
+    assert one.canonical() == other.canonical()
+    assert one.version_hash() == other.version_hash()
+    # Pachyderm reads '(*)' as '/(*)'; the engine gets the leading-slash form.
+    assert [leaf.glob for leaf in one.leaves()] == ["/(*)", "/(*)"]
+    assert one.transform.accept_return_code == [3] and one.parallelism_spec.constant == 2
+    assert one.ignored_locally() == [
+        "resource_requests",
+        "datum_set_spec",
+        "transform.image_pull_secrets",
+        "pfs.empty_files",
+    ]
+
+
 def test_spec_files_json_and_yaml(tmp_path):
     spec = simple_spec(
         "p", "r", description="d", datum_tries=1, resource_requests={"cpu": 1}, pod_patch="[]"
@@ -147,6 +221,47 @@ def test_spec_files_json_and_yaml(tmp_path):
     broken.write_text("{")
     with pytest.raises(CDLError, match="broken.json: not valid json"):
         load_spec(broken)
+
+
+def test_several_specs_in_one_file(tmp_path):
+    first, second = simple_spec("first", "r"), simple_spec("second", "first")
+    stream = tmp_path / "dag.json"  # as pachctl reads it: JSON objects one after another
+    stream.write_text(json.dumps(first, indent=2) + "\n" + json.dumps(second) + json.dumps(second))
+    with pytest.raises(CDLError, match="pipeline second is specified more than once"):
+        load_specs(stream)
+    stream.write_text(json.dumps(first, indent=2) + "\n\n" + json.dumps(second))
+    assert [s.name for s in load_specs(stream)] == ["first", "second"]
+    with pytest.raises(CDLError, match="holds 2 pipeline specs where one is expected"):
+        load_spec(stream)
+    docs = tmp_path / "dag.yaml"
+    docs.write_text(yaml.safe_dump_all([first, {**second, "datumTriez": 2}], explicit_start=True))
+    with pytest.raises(CDLError, match=r"dag.yaml \(spec 2 of 2\): datumTriez: unknown field"):
+        load_specs(docs)
+    docs.write_text(yaml.safe_dump_all([first, second]) + "---\n")
+    assert [s.name for s in load_specs(docs)] == ["first", "second"]
+    (tmp_path / "empty.yaml").write_text("# nothing\n")
+    with pytest.raises(CDLError, match="holds no pipeline spec"):
+        load_specs(tmp_path / "empty.yaml")
+
+
+@pytest.mark.parametrize(
+    "spec, after, expected",
+    [
+        ("@every 10s", "2024-05-01T10:00:00.5Z", "2024-05-01T10:00:10Z"),
+        ("@every 1h30m", "2024-05-01T10:00:00Z", "2024-05-01T11:30:00Z"),
+        ("*/15 * * * *", "2024-05-01T10:07:00Z", "2024-05-01T10:15:00Z"),
+        ("0 9 * * MON-FRI", "2024-05-03T09:00:00Z", "2024-05-06T09:00:00Z"),  # Fri to Mon
+        ("@monthly", "2024-12-15T00:00:00Z", "2025-01-01T00:00:00Z"),
+        ("30 2 29 2 *", "2023-03-01T00:00:00Z", "2024-02-29T02:30:00Z"),
+        ("0 0 13 * FRI", "2024-09-01T00:00:00Z", "2024-09-06T00:00:00Z"),  # either day field
+        ("TZ=Europe/Paris 0 9 * * *", "2024-07-01T00:00:00Z", "2024-07-01T07:00:00Z"),
+    ],
+)
+def test_cron_schedules(spec, after, expected):
+    def at(text):
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    assert parse_cron(spec).next(at(after)) == at(expected)
 
 
 # -- datums ----------------------------------------------------------------------------------
@@ -171,6 +286,48 @@ def entries(*paths):
 def test_glob_matching(glob, expected):
     files = entries("/a/1.txt", "/a/2.csv", "/b/3.txt", "/top.txt")
     assert {k: len(v) for k, v in match(glob, files).items()} == expected
+
+
+def datums_of(spec_input: dict, files: dict[str, list[str]]) -> list[dict[str, str]]:
+    """The datums of an input over repos holding `files` (repo: paths), described."""
+    spec = parse_spec(
+        {"pipeline": {"name": "p"}, "transform": {"cmd": ["true"]}, "input": spec_input}
+    )
+    commits = {f"{repo}@master": repo for repo in files}
+    return [d.describe() for d in datums(spec.input, commits, lambda c: entries(*files[c]))]
+
+
+def test_group_datums():
+    files = {
+        "sales": ["/jan-eu.csv", "/feb-eu.csv", "/jan-us.csv"],
+        "rates": ["/eu.txt", "/us.txt", "/asia.txt"],
+    }
+    group = {
+        "group": [
+            {"pfs": {"repo": "sales", "glob": "/*-(*).csv", "groupBy": "$1"}},
+            {"pfs": {"repo": "rates", "glob": "/(*).txt", "group_by": "$1"}},
+        ]
+    }
+    # One datum per key, holding every match of every input with that key.
+    assert datums_of(group, files) == [
+        {"rates": "/asia.txt"},
+        {"sales": "/feb-eu.csv, /jan-eu.csv", "rates": "/eu.txt"},
+        {"sales": "/jan-us.csv", "rates": "/us.txt"},
+    ]
+
+
+def test_union_inputs_may_share_a_name():
+    union = {
+        "union": [
+            {"pfs": {"repo": "a", "glob": "/*", "name": "in"}},
+            {"pfs": {"repo": "b", "glob": "*", "name": "in"}},
+        ]
+    }
+    assert datums_of(union, {"a": ["/1"], "b": ["/2", "/3"]}) == [
+        {"in": "/1"},
+        {"in": "/2"},
+        {"in": "/3"},
+    ]
 
 
 # -- jobs ------------------------------------------------------------------------------------
@@ -422,6 +579,40 @@ def test_chained_pipelines_and_interrupted_job(engine, repos, source, tmp_path, 
     assert contents(repos, second) == {"/a.txt": b"CBA", "/b.txt": b"FED"}
 
 
+def test_cron_ticks_trigger_jobs(engine, repos, tmp_path):
+    name = uid("cron")
+    # A start the worker's clock does not reach during the test: the ticks are the test's.
+    start = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=1)
+    spec = {
+        "pipeline": {"name": name},
+        "transform": {"cmd": ["sh", "-c", "ls /pfs/tick > /pfs/out/$(ls /pfs/tick)"]},
+        "input": {"cron": {"name": "tick", "spec": "@every 10m", "start": start.isoformat()}},
+    }
+    engine.create(write_spec(tmp_path, spec))
+    assert f"{name}_tick" in {r.name for r in repos.list_repos()}
+
+    def tick(minutes: int) -> list[str]:
+        return [c.ref for c in engine.commit_due_ticks(start + timedelta(minutes=minutes), name)]
+
+    assert tick(5) == []
+    first, second = (start + timedelta(minutes=m) for m in (10, 20))
+    # A worker that was down commits the missed ticks one by one; ticks accumulate.
+    assert len(tick(25)) == 1 and len(tick(25)) == 1 and tick(25) == []
+    stamps = [t.strftime("%Y-%m-%dT%H:%M:%SZ") for t in (first, second)]
+    assert contents(repos, f"{name}_tick") == {f"/{s}": b"" for s in stamps}
+    job = settle(engine, name)
+    assert (job.state, job.datums_total) == ("success", 2), job.error
+    assert contents(repos, name) == {f"/{s}": f"{s}\n".encode() for s in stamps}
+    engine.delete(name)
+    assert f"{name}_tick" not in {r.name for r in repos.list_repos()}
+
+
+def test_service_pipelines_need_a_cluster(engine, tmp_path):
+    spec = simple_spec(uid("svc"), "r", service={"internalPort": 8888, "externalPort": 30888})
+    with pytest.raises(CDLError, match="is a service"):
+        engine.create(write_spec(tmp_path, spec))
+
+
 def test_stack_worker_runs_jobs_in_the_background(engine, repos, source, tmp_path):
     put(repos, source, tmp_path, {"w.txt": b"worker"})
     name = uid("bg")
@@ -439,10 +630,19 @@ def test_cli(shared_stack, repos, source, tmp_path):
     src = tmp_path / "files"
     src.mkdir()
     (src / "hello.txt").write_text("hello")
-    name = uid("cli")
-    spec = write_spec(tmp_path / "specs", simple_spec(name, source))
+    name, other = uid("cli"), uid("cli")
+    spec = tmp_path / "specs.yaml"  # two pipelines in one file: both are created, in order
+    spec.write_text(
+        yaml.safe_dump_all(
+            [simple_spec(name, source), simple_spec(other, source, podPatch="[]")],
+            explicit_start=True,
+        )
+    )
     created = cdl("data", "pipeline", "create", "-f", str(spec), cwd=folder)
     assert created.returncode == 0, created.stderr
+    assert f"created pipeline {name} " in created.stdout
+    assert f"created pipeline {other} " in created.stdout
+    assert "cluster-only, ignored here: pod_patch" in created.stdout
     put_result = cdl("data", "put", source, str(src), "--wait", cwd=folder)
     assert put_result.returncode == 0, put_result.stderr
     assert cdl("data", "get", f"{name}:/hello.txt", cwd=folder).stdout == "HELLO"

@@ -718,3 +718,46 @@ def test_a_changed_labeling_config_updates_the_project(lab, tmp_path):
         labeling.project()  # back to the repo's config
     stored = labeling.client.label_config(project_id)
     assert stored.strip() == labeling.case.label_config.strip()
+
+
+def test_sync_on_a_pachyderm_stack_reads_pachd(quiet_lab):
+    """With data.engine: pachyderm, `cdl label sync` reads the validated data from pachd (here
+    a stand-in speaking its protocol), not the stack's own repos: only the file pachd has and
+    the label store does not gets a task, its bytes fetched from pachd."""
+    from tests.data.fake_pachd import FakePachd
+
+    stack, labeling, _ = quiet_lab
+    labeling.sync()  # every local validated file has its task
+    repos = DataRepos(stack)
+    local = repos.resolve("bbc-validate")
+    files = {e.path: b"".join(repos.store.read_chunks(e.sha256)) for e in repos.files(local)}
+    new_path = "/valid/tech/only-on-pachd.txt"
+    files[new_path] = b"Chips from pachd\n\nA processor story told only by the cluster." * 3
+    pachd = FakePachd("bbc-validate", files)
+    try:
+        synced = cdl(
+            "label",
+            "sync",
+            "bbc_news",
+            cwd=stack.settings.root,
+            env={"CDL_DATA__ENGINE": "pachyderm", "CDL_DATA__PACHD_ADDRESS": pachd.address},
+        )
+        assert synced.returncode == 0, synced.stderr
+        known = len([p for p in files if p.startswith("/valid/")]) - 1
+        assert f"imported 1 new task(s); {known} file(s) already had one" in synced.stdout
+        [asked] = pachd.sent("InspectCommit")
+        assert (asked.commit.branch.repo.name, asked.commit.branch.name) == (
+            "bbc-validate",
+            "master",
+        )
+        assert [w.file.path for w in pachd.sent("WalkFile")] == ["/valid"]
+        assert [g.file.path for g in pachd.sent("GetFile")] == [new_path]
+    finally:
+        pachd.stop()
+    with stack.connect() as conn:
+        task_id, source = conn.execute(
+            "SELECT task_id, source FROM label_tasks WHERE path = %s", [new_path]
+        ).fetchone()
+        assert source == f"bbc-validate@{pachd.commit_id}:{new_path}"
+        conn.execute("DELETE FROM label_tasks WHERE task_id = %s", [task_id])
+    labeling.client.sdk.tasks.delete(id=str(task_id))  # leave the project as the other tests expect

@@ -23,6 +23,7 @@ from pipelines.data.backend import (
     data_backend,
     pipeline_backend,
 )
+from pipelines.data.spec import load_specs
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -355,11 +356,15 @@ def pipeline_create(
     spec: Path = SPEC_OPTION,
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
-    """Create a pipeline and its output repo (named after it). Its transform runs locally in the
-    spec's folder; a job starts as soon as every input branch has a commit. On a stack whose
-    data engine is pachyderm, the same spec is sent to pachd."""
-    info = engine(ctx).create(spec)
-    console.print(f"created pipeline {info['name']} (output repo {info['name']})")
+    """Create each pipeline of the file, in order, and its output repo (named after it). Its
+    transform runs locally in the spec's folder; a job starts as soon as every input branch has
+    a commit. On a stack whose data engine is pachyderm, the same specs are sent to pachd."""
+    pipelines = engine(ctx)
+    for one in load_specs(spec):
+        info = pipelines.create(spec, spec=one)
+        console.print(f"created pipeline {info['name']} (output repo {info['name']})")
+        if info["ignored"]:
+            console.print(f"note: cluster-only, ignored here: {', '.join(info['ignored'])}")
     if wait:
         run_and_report(ctx)
 
@@ -373,10 +378,12 @@ def pipeline_update(
     ),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
-    """Update a pipeline from its spec. A changed transform or changed code files make a new
+    """Update each pipeline of the file. A changed transform or changed code files make a new
     version whose datums run again; otherwise only new or changed datums run."""
-    info = engine(ctx).create(spec, update=True, reprocess=reprocess)
-    console.print(f"updated pipeline {info['name']} to version {info['version']}")
+    pipelines = engine(ctx)
+    for one in load_specs(spec):
+        info = pipelines.create(spec, update=True, reprocess=reprocess, spec=one)
+        console.print(f"updated pipeline {info['name']} to version {info['version']}")
     if wait:
         run_and_report(ctx)
 

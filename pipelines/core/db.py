@@ -16,6 +16,16 @@ from psycopg.rows import class_row
 T = TypeVar("T")
 
 
+def try_lock(conn: psycopg.Connection, name: str) -> bool:
+    """Take the session lock `name` if nobody holds it; release it with `unlock`."""
+    return conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [name]).fetchone()[0]
+
+
+def unlock(conn: psycopg.Connection, name: str) -> None:
+    if not conn.closed and not conn.broken:
+        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [name])
+
+
 @contextmanager
 def advisory_lock(
     conn: psycopg.Connection,
@@ -26,7 +36,7 @@ def advisory_lock(
     """Hold the session lock `name` inside the block; yields whether it is held. Without `wait`
     it yields False at once when another session holds it; with `wait`, `on_wait` is called
     before waiting for it."""
-    held = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [name]).fetchone()[0]
+    held = try_lock(conn, name)
     if not held and wait:
         if on_wait:
             on_wait()
@@ -35,8 +45,8 @@ def advisory_lock(
     try:
         yield held
     finally:
-        if held and not conn.closed and not conn.broken:
-            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [name])
+        if held:
+            unlock(conn, name)
 
 
 def transaction_lock(conn: psycopg.Connection, name: str) -> None:

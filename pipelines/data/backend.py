@@ -34,6 +34,7 @@ from pipelines.plugins import backend_class
 
 if TYPE_CHECKING:
     from pipelines.core.stack import Stack
+    from pipelines.data.spec import PipelineSpec
 
 DEFAULT_BRANCH = "master"
 REPO_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,63}$")
@@ -375,9 +376,17 @@ class PipelineBackend(ABC):
     """Pipelines in the Pachyderm spec format and the jobs they run."""
 
     @abstractmethod
-    def create(self, spec_path: Path, update: bool = False, reprocess: bool = False) -> dict:
-        """Create (or update) the pipeline of a spec file and its output repo; returns at least
-        {'name', 'version'}. `AlreadyExists` / `NotFound` for create / update, `Invalid` spec."""
+    def create(
+        self,
+        spec_path: Path,
+        update: bool = False,
+        reprocess: bool = False,
+        spec: PipelineSpec | None = None,
+    ) -> dict:
+        """Create (or update) the pipeline of a spec file (or `spec`, one of several in that file:
+        the file's folder is where it runs) and its output repo; returns at least {'name',
+        'version', 'ignored'} (fields the backend ignores). `AlreadyExists` / `NotFound` for
+        create / update, `Invalid` spec."""
 
     @abstractmethod
     def delete(self, name: str, keep_repo: bool = False) -> None:

@@ -3,8 +3,11 @@
 A pfs input's glob is matched against every path in its commit (folders and files); each match
 is a datum holding the files at or below it. '/' is one datum with everything, '/*' one per
 top-level entry, '/*/*' one per second-level entry; '**' matches any depth and parentheses
-capture parts of a path for joins. `cross` pairs every datum of one input with every datum of the
-others, `union` lists them all, `join` combines datums whose captured keys are equal.
+capture parts of a path for joins and groups. `cross` pairs every datum of one input with every
+datum of the others, `union` lists them all (its inputs may share a name), `join` combines datums
+whose captured keys (`join_on`) are equal, `group` makes one datum of all the datums, from any of
+its inputs, whose `group_by` keys are equal. A cron input is read as a pfs input of its tick repo
+with glob '/*': one datum per tick file.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class DatumInput:
     path: str  # the matched path
     files: tuple[FileEntry, ...]
     key: str | None = None  # join key
+    group_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,10 @@ class Datum:
         return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
     def describe(self) -> dict[str, str]:
-        return {i.name: i.path for i in self.inputs}
+        described: dict[str, str] = {}
+        for i in self.inputs:  # a group datum may hold several paths of one input
+            described[i.name] = f"{described[i.name]}, {i.path}" if i.name in described else i.path
+        return described
 
 
 def glob_regex(glob: str) -> re.Pattern:
@@ -90,9 +97,12 @@ def match(glob: str, files: list[FileEntry]) -> dict[str, list[FileEntry]]:
     return dict(sorted(matched.items()))
 
 
-def _join_key(pfs: PFSInput, path: str) -> str:
+def _key(pfs: PFSInput, path: str, template: str | None) -> str | None:
+    """A join or group key: `template` with $1, $2... replaced by the glob's captures."""
+    if not template:
+        return None
     found = glob_regex(pfs.glob.rstrip("/")).match(path)
-    return re.sub(r"\$(\d+)", lambda m: found.group(int(m.group(1))) or "", pfs.join_on)
+    return re.sub(r"\$(\d+)", lambda m: found.group(int(m.group(1))) or "", template)
 
 
 def datums(
@@ -100,10 +110,10 @@ def datums(
     commits: dict[str, Commit],
     files_of: Callable[[Commit], list[FileEntry]],
 ) -> list[Datum]:
-    """Every datum of `spec_input`, given the commit of each pfs input (by input name)."""
-    if spec_input.pfs is not None:
-        pfs = spec_input.pfs
-        commit = commits[pfs.input_name]
+    """Every datum of `spec_input`, given the commit of each pfs input (by `repo@branch`)."""
+    if spec_input.pfs is not None or spec_input.cron is not None:
+        pfs = spec_input.pfs or spec_input.cron.as_pfs()
+        commit = commits[pfs.ref]
         found = match(pfs.glob, files_of(commit))
         return [
             Datum(
@@ -113,16 +123,20 @@ def datums(
                         commit,
                         path,
                         tuple(entries),
-                        _join_key(pfs, path) if pfs.join_on else None,
+                        _key(pfs, path, pfs.join_on),
+                        _key(pfs, path, pfs.group_by),
                     ),
                 )
             )
             for path, entries in found.items()
         ]
-    children = [
-        datums(c, commits, files_of)
-        for c in (spec_input.cross or spec_input.union or spec_input.join)
-    ]
+    children = [datums(c, commits, files_of) for c in spec_input.children]
+    if spec_input.group is not None:
+        groups: dict[str, list[DatumInput]] = {}
+        for child in children:
+            for d in child:
+                groups.setdefault(d.inputs[0].group_key, []).extend(d.inputs)
+        return [Datum(tuple(groups[key])) for key in sorted(groups)]
     if spec_input.cross is not None:
         return [
             Datum(tuple(i for d in combo for i in d.inputs))

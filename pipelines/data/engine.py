@@ -4,15 +4,33 @@ A pipeline's output repo has the pipeline's name. Whenever the heads of its inpu
 combination no job has processed with the current pipeline version, a job runs: the input is
 split into datums (see datums.py); each datum's files are copied under a private `/pfs`-like
 folder, the transform runs as a subprocess with `/pfs/...` in its command, stdin and environment
-rewritten to that folder, and whatever it writes to `/pfs/out` is collected. The outputs of all
-datums make one commit on the output repo, with provenance to every input commit.
+rewritten to that folder, and whatever it writes to `/pfs/out` is collected. As on Pachyderm, its
+environment names each input's path (`$<input name>`) and join or group key
+(`$PACH_DATUM_<input name>_JOIN_ON`, `..._GROUP_BY`). The outputs of all datums make one commit
+on the output repo, with provenance to every input commit.
 
 Incremental: a datum whose content (the bytes of its files) and pipeline version (transform,
 inputs, the code files the transform names, the reprocess salt) were seen before is not run
-again; its earlier output is reused.
+again; its earlier output is reused (unless `reprocess_spec` is `every_job`).
 
 One job per pipeline runs at a time (a Postgres advisory lock), whoever starts it: the background
 worker (`cdl data worker`, started by `cdl stack up`) or a command run with `--wait`.
+
+The worker also does what pachd does on a timer:
+- Cron inputs: when a tick is due, an empty file named by the tick time (RFC 3339, UTC, e.g.
+  `2024-05-01T10:00:00Z`) is committed to the input's repo (`<pipeline>_<name>`), which triggers
+  a job; ticks accumulate, one datum each, or with `overwrite` the commit holds only the newest.
+  The first tick is the first due time after `start` (default: when the pipeline was created);
+  a worker that was down commits the missed ticks one by one.
+- Spouts: the transform runs as a long-lived process (restarted if it exits) with `/pfs/out`
+  rewritten to a private folder. About every second the files there that are new or changed,
+  and have stayed the same for one scan (so a file still being written waits), are committed to
+  the output repo (a file that keeps changing, after 10 s anyway); earlier files stay in the
+  repo, as `put file` from a spout on Pachyderm would leave them. Deleting or updating the
+  pipeline stops the process.
+One worker runs a given spout or commits a given tick (advisory locks), however many run.
+
+Fields that only matter on a cluster are ignored here; `create` returns their names.
 
 `PipelineEngine` is the local `PipelineBackend` (see backend.py); it owns the SQL of the pipelines,
 pipeline_inputs, pipeline_jobs, pipeline_job_datums and pipeline_datum_outputs tables.
@@ -25,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +51,8 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -41,16 +61,28 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pipelines.core import db, events, lineage
-from pipelines.core.errors import AlreadyExists, CDLError, Invalid, NotFound, Unavailable
+from pipelines.core.errors import (
+    AlreadyExists,
+    CDLError,
+    Invalid,
+    NotFound,
+    Unavailable,
+    Unsupported,
+)
 from pipelines.core.stack import Stack
-from pipelines.data.backend import Commit, FileEntry, Job, PipelineBackend
+from pipelines.data.backend import DEFAULT_BRANCH, Commit, FileEntry, Job, PipelineBackend
 from pipelines.data.datums import Datum, datums
 from pipelines.data.repos import DataRepos
-from pipelines.data.spec import PipelineSpec, load_spec, parse_duration, parse_spec
+from pipelines.data.schedule import parse_cron, parse_duration
+from pipelines.data.spec import CronInput, PipelineSpec, Transform, load_spec, parse_spec
 
 LOG_TAIL = 32_000  # characters of a datum's output kept for `cdl data job logs`
 PFS = re.compile(r"(?<![\w./-])/pfs(?=/|\b|$)")
 POLL_S = 5.0
+TIMER_S = 1.0  # how often the worker checks cron ticks and spout output
+SPOUT_RESTART_S = 10.0  # the least time between two starts of a spout that exits
+SPOUT_MAX_WAIT_S = 10.0  # a spout's file that keeps changing is committed after this anyway
+TICK_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # Go's time.RFC3339 for UTC, as pachd names tick files
 
 
 @dataclass
@@ -80,6 +112,35 @@ def _tail(text: str) -> str:
     return text[-LOG_TAIL:]
 
 
+@dataclass
+class LocalCommand:
+    argv: list[str]
+    env: dict[str, str]
+    stdin: str | None
+    cwd: str | Path
+
+
+def local_command(
+    transform: Transform, pfs: Path, workdir: Path, env: dict[str, str] | None = None
+) -> LocalCommand:
+    """A transform as a local process: `/pfs` in its command, stdin and environment (the spec's
+    and `env`) rewritten to the folder `pfs`."""
+
+    def local(text: str) -> str:
+        return PFS.sub(lambda _: str(pfs), text)
+
+    # `python3` in a transform is the platform venv's, as the image's would be.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    full_env = {**os.environ, "PATH": path}
+    full_env.update({k: local(v) for k, v in {**transform.env, **(env or {})}.items()})
+    stdin = "".join(local(line) + "\n" for line in transform.stdin) or None
+    # working_dir names a folder of the image on Pachyderm; locally the transform runs in the
+    # spec's folder, unless working_dir is inside /pfs.
+    inside_pfs = transform.working_dir and PFS.match(transform.working_dir)
+    cwd = local(transform.working_dir) if inside_pfs else workdir
+    return LocalCommand([local(a) for a in transform.cmd], full_env, stdin, cwd)
+
+
 class PipelineEngine(PipelineBackend):
     def __init__(self, stack: Stack):
         self.stack = stack
@@ -88,13 +149,30 @@ class PipelineEngine(PipelineBackend):
 
     # -- pipelines -----------------------------------------------------------------------
 
-    def create(self, spec_path: Path, update: bool = False, reprocess: bool = False) -> dict:
-        spec = load_spec(spec_path)
+    def create(
+        self,
+        spec_path: Path,
+        update: bool = False,
+        reprocess: bool = False,
+        spec: PipelineSpec | None = None,
+    ) -> dict:
+        """Create (or update) a pipeline from its spec file, or from `spec`, one of the specs of
+        that file. The result's `ignored` names the cluster-only fields the spec sets."""
+        spec = spec or load_spec(spec_path)
+        if spec.service is not None and spec.spout is None:
+            raise Unsupported(
+                f"pipeline '{spec.name}' is a service (a server that never finishes a datum)",
+                "run it on a pachyderm stack; locally, serve it yourself",
+            )
+        if spec.spout is not None and spec.input is not None:
+            raise Unsupported(f"spout '{spec.name}' has an input: the local engine cannot run it")
         workdir = spec_path.resolve().parent
         code = code_hash(spec, workdir)
+        cron_repos = {cron.repo for cron in spec.crons()}
         with self.stack.connect() as conn:
-            for leaf in spec.input.leaves():
-                self.repos.require_repo(conn, leaf.repo)
+            for leaf in spec.leaves():
+                if leaf.repo not in cron_repos:
+                    self.repos.require_repo(conn, leaf.repo)
             existing = conn.execute(
                 "SELECT version, salt FROM pipelines WHERE name = %s", [spec.name]
             ).fetchone()
@@ -118,6 +196,11 @@ class PipelineEngine(PipelineBackend):
                 )
         if not existing:
             self.repos.create_repo(spec.name, f"output of pipeline {spec.name}")
+        for cron in spec.crons():
+            try:
+                self.repos.create_repo(cron.repo, f"ticks of cron input {cron.name}")
+            except AlreadyExists:
+                pass  # an update, or a repo the spec names
         salt = uuid.uuid4().hex if (reprocess or not existing) else existing[1]
         with self.stack.connect() as conn, conn.transaction():
             conn.execute(
@@ -137,13 +220,13 @@ class PipelineEngine(PipelineBackend):
                 },
             )
             conn.execute("DELETE FROM pipeline_inputs WHERE pipeline = %s", [spec.name])
-            for leaf in spec.input.leaves():
+            for leaf in spec.leaves():
                 conn.execute(
                     """INSERT INTO pipeline_inputs (pipeline, repo, branch) VALUES (%s, %s, %s)
                        ON CONFLICT DO NOTHING""",
                     [spec.name, leaf.repo, leaf.branch],
                 )
-        return self.inspect(spec.name)
+        return {**self.inspect(spec.name), "ignored": spec.ignored_locally()}
 
     def _row(self, conn: psycopg.Connection, name: str) -> dict:
         with conn.cursor(row_factory=dict_row) as cur:
@@ -176,8 +259,9 @@ class PipelineEngine(PipelineBackend):
             ).fetchall()
 
     def delete(self, name: str, keep_repo: bool = False) -> None:
+        """Delete a pipeline, its output repo and its cron inputs' tick repos (unless kept)."""
         with self.stack.connect() as conn:
-            self._row(conn, name)
+            crons = parse_spec(self._row(conn, name)["spec"], f"pipeline {name}").crons()
             readers = [
                 r[0]
                 for r in conn.execute(
@@ -194,6 +278,13 @@ class PipelineEngine(PipelineBackend):
                 conn.execute("DELETE FROM pipelines WHERE name = %s", [name])
         if not keep_repo:
             self.repos.delete_repo(name)
+            for cron in crons:
+                with self.stack.connect() as conn:
+                    read = conn.execute(
+                        "SELECT 1 FROM pipeline_inputs WHERE repo = %s", [cron.repo]
+                    ).fetchone()
+                if not read:
+                    self.repos.delete_repo(cron.repo)
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -202,28 +293,26 @@ class PipelineEngine(PipelineBackend):
         return f"cdl.pipeline:{name}"
 
     def _heads(self, conn: psycopg.Connection, spec: PipelineSpec) -> dict[str, Commit] | None:
-        """The head commit of each input (by input name), or None if one has no commit yet."""
+        """The head commit of each input (by `repo@branch`), or None if one has no commit yet.
+        (Not by input name: the inputs of a union may share one.)"""
         heads = {}
-        for leaf in spec.input.leaves():
-            row = conn.execute(
-                "SELECT head FROM data_branches WHERE repo = %s AND name = %s",
-                [leaf.repo, leaf.branch],
-            ).fetchone()
-            if row is None or row[0] is None:
+        for leaf in spec.leaves():
+            head = self.repos.head(conn, leaf.repo, leaf.branch)
+            if head is None:
                 return None
-            heads[leaf.input_name] = self.repos.commit_by_id(conn, row[0])
+            heads[leaf.ref] = head
         return heads
 
     def _plan(self, conn: psycopg.Connection, name: str):
         """(spec, row, heads, input_commits, version_hash) if a job is due, else None."""
         row = self._row(conn, name)
         spec = parse_spec(row["spec"], f"pipeline {name}")
+        if spec.spout is not None:
+            return None  # a spout has no jobs: the worker runs it (Spouts)
         heads = self._heads(conn, spec)
         if heads is None:
             return None
-        input_commits = {
-            f"{leaf.repo}@{leaf.branch}": heads[leaf.input_name].id for leaf in spec.input.leaves()
-        }
+        input_commits = {ref: commit.id for ref, commit in heads.items()}
         version_hash = spec.version_hash(row["code_hash"], row["salt"])
         done = conn.execute(
             """SELECT 1 FROM pipeline_jobs WHERE pipeline = %s AND version_hash = %s
@@ -305,12 +394,13 @@ class PipelineEngine(PipelineBackend):
         try:
             all_datums = datums(spec.input, heads, files_of)
             hashes = {d.hash: d for d in all_datums}
+            reuse = spec.reprocess_spec != "every_job"
             cached = {
                 h: outputs
                 for h, outputs in conn.execute(
                     """SELECT datum_hash, outputs FROM pipeline_datum_outputs
                        WHERE pipeline = %s AND version_hash = %s AND datum_hash = ANY(%s)""",
-                    [name, version_hash, list(hashes)],
+                    [name, version_hash, list(hashes) if reuse else []],
                 )
             }
             results = [
@@ -431,26 +521,20 @@ class PipelineEngine(PipelineBackend):
                     (pfs / item.name).mkdir(parents=True, exist_ok=True)
                 (pfs / "out").mkdir()
 
-                def local(text: str, root: str = str(pfs)) -> str:
-                    return PFS.sub(lambda _: root, text)
-
-                # `python3` in a transform is the platform venv's, as the image's would be.
-                path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-                env = {**os.environ, "PATH": path}
-                env.update({k: local(v) for k, v in transform.env.items()})
+                env = {}
                 for item in datum.inputs:
-                    env[item.name] = local(f"/pfs/{item.name}{item.path.rstrip('/')}")
+                    env[item.name] = f"/pfs/{item.name}{item.path.rstrip('/')}"
+                    if item.key is not None:
+                        env[f"PACH_DATUM_{item.name}_JOIN_ON"] = item.key
+                    if item.group_key is not None:
+                        env[f"PACH_DATUM_{item.name}_GROUP_BY"] = item.group_key
                 env.update(PACH_JOB_ID=job_id, PACH_DATUM_ID=datum.hash[:32])
-                stdin = "".join(local(line) + "\n" for line in transform.stdin) or None
-                # working_dir names a folder of the image on Pachyderm; locally the transform
-                # runs in the spec's folder, unless working_dir is inside /pfs.
-                inside_pfs = transform.working_dir and PFS.match(transform.working_dir)
-                cwd = local(transform.working_dir) if inside_pfs else workdir
+                command = local_command(transform, pfs, workdir, env)
                 proc = subprocess.run(
-                    [local(a) for a in transform.cmd],
-                    input=stdin,
-                    cwd=cwd,
-                    env=env,
+                    command.argv,
+                    input=command.stdin,
+                    cwd=command.cwd,
+                    env=command.env,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,
@@ -572,10 +656,92 @@ class PipelineEngine(PipelineBackend):
                 {"j": job.id, "s": state},
             ).fetchall()
 
+    # -- cron ticks --------------------------------------------------------------------------
+
+    def commit_due_ticks(
+        self,
+        now: datetime | None = None,
+        pipeline: str | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> list[Commit]:
+        """Commit the next tick of every cron input (of every pipeline, or of one) whose tick is
+        due at `now` (default: now), at most one each. With `say`, a tick that cannot be
+        committed is reported there and the others go on; without, it raises."""
+        now = now or datetime.now(timezone.utc)
+        with self.stack.connect() as conn:
+            rows = conn.execute(
+                """SELECT name, spec, created_at FROM pipelines
+                   WHERE position('"cron"' IN spec::text) > 0
+                   AND (%(p)s::text IS NULL OR name = %(p)s)""",
+                {"p": pipeline},
+            ).fetchall()
+        ticks = []
+        for name, raw, created in rows:
+            for cron in parse_spec(raw, f"pipeline {name}").crons():
+                try:
+                    commit = self._tick(name, cron, cron.start or created, now)
+                except CDLError as exc:
+                    if say is None:
+                        raise
+                    say(f"{name}: cannot commit a tick of cron input {cron.name}: {exc.problem}")
+                    continue
+                if commit is not None:
+                    ticks.append(commit)
+        return ticks
+
+    def _tick(self, pipeline: str, cron: CronInput, start: datetime, now: datetime):
+        key = f"cdl.cron:{cron.repo}"
+        with (
+            self.stack.connect(autocommit=True) as conn,
+            db.advisory_lock(conn, key, wait=False) as held,
+        ):
+            if not held:
+                return None  # another worker is committing this tick
+            head = self.repos.head(conn, cron.repo, DEFAULT_BRANCH)
+            latest = start
+            if head:
+                # The newest tick file names the last tick, as pachd reads it.
+                for entry in self.repos.files(head):
+                    try:
+                        tick = datetime.strptime(entry.path[1:], TICK_FORMAT)
+                    except ValueError:
+                        continue  # not a tick file
+                    latest = max(latest, tick.replace(tzinfo=timezone.utc))
+            try:
+                due = parse_cron(cron.spec).next(latest)
+            except ValueError:
+                return None  # a schedule that is never due, such as '0 0 30 2 *'
+            if due > now:
+                return None
+            stamp = due.strftime(TICK_FORMAT)
+            empty_sha256, _ = self.store.put_bytes(b"")
+            with self.repos.writer(
+                cron.repo,
+                message=f"cron tick {stamp}",
+                author=f"pipeline:{pipeline}",
+                origin="pipeline",
+                carry_parent=not cron.overwrite,
+            ) as writer:
+                writer.add_object(f"/{stamp}", empty_sha256, 0)
+            return writer.commit
+
     # -- the worker ------------------------------------------------------------------------
 
     def serve(self, stop: threading.Event, say: Callable[[str], None]) -> None:
-        """Run due jobs whenever a commit finishes (LISTEN), and every few seconds anyway."""
+        """Run due jobs whenever a commit finishes (LISTEN), and every few seconds anyway; a
+        thread commits cron ticks and runs spouts meanwhile."""
+        timers_stop = threading.Event()
+        timers = threading.Thread(
+            target=self.serve_timers, args=(timers_stop, say), name="cdl-timers", daemon=True
+        )
+        timers.start()
+        try:
+            self._serve_jobs(stop, say)
+        finally:
+            timers_stop.set()
+            timers.join(timeout=30)
+
+    def _serve_jobs(self, stop: threading.Event, say: Callable[[str], None]) -> None:
         while not stop.is_set():
             try:
                 with self.stack.connect(autocommit=True) as conn:
@@ -591,3 +757,175 @@ class PipelineEngine(PipelineBackend):
             except psycopg.OperationalError as exc:
                 say(f"database connection lost ({exc}); reconnecting")
                 stop.wait(2.0)
+
+    def serve_timers(self, stop: threading.Event, say: Callable[[str], None]) -> None:
+        """Commit due cron ticks and run spouts until `stop` is set; spouts stop with it."""
+        spouts = Spouts(self, say)
+        try:
+            while not stop.is_set():
+                try:
+                    for tick in self.commit_due_ticks(say=say):
+                        say(f"cron: committed tick {tick.repo}@{tick.id[:12]}")
+                    spouts.sync()
+                except Exception as exc:  # the worker goes on; the next pass tries again
+                    say(f"cron and spouts: {type(exc).__name__}: {exc}")
+                stop.wait(TIMER_S)
+        finally:
+            spouts.stop_all()
+
+
+@dataclass
+class SpoutRun:
+    name: str
+    version: int
+    branch: str
+    root: Path  # its /pfs, and the process's log
+    proc: subprocess.Popen | None = None  # None: the command could not be started
+    started: float = 0.0
+    seen: dict[str, tuple[int, int]] = field(default_factory=dict)  # path: (size, mtime)
+    committed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    pending: dict[str, float] = field(default_factory=dict)  # path: when it first differed
+
+    @property
+    def exited(self) -> bool:
+        return self.proc is None or self.proc.poll() is not None
+
+
+class Spouts:
+    """The spout pipelines one worker runs: a process each, whose /pfs/out is committed as it
+    changes. A session advisory lock per spout, held on `self.conn`, keeps other workers off."""
+
+    def __init__(self, engine: PipelineEngine, say: Callable[[str], None]):
+        self.engine, self.say = engine, say
+        self.running: dict[str, SpoutRun] = {}
+        self.conn: psycopg.Connection | None = None
+
+    def sync(self) -> None:
+        """Start, commit, restart and stop spouts to match the pipelines table."""
+        if self.conn is None or self.conn.closed or self.conn.broken:
+            self.stop_all()  # their locks went with the connection
+            self.conn = self.engine.stack.connect(autocommit=True)
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            rows = {
+                r["name"]: r
+                for r in cur.execute(
+                    "SELECT name, version, spec, workdir FROM pipelines WHERE spec ? 'spout'"
+                )
+            }
+        for name, run in list(self.running.items()):
+            if name not in rows or rows[name]["version"] != run.version:
+                self._stop(run, commit=name in rows)
+        for name, row in rows.items():
+            run = self.running.get(name)
+            if run is None:
+                if db.try_lock(self.conn, f"cdl.spout:{name}"):
+                    self._start(row)
+                continue
+            self._commit(run, final=run.exited)
+            if run.exited and time.monotonic() - run.started > SPOUT_RESTART_S:
+                log = (run.root / "spout.log").read_text(errors="replace").strip()
+                code = run.proc.returncode if run.proc else "none"
+                self.say(
+                    f"{name}: spout exited (code {code}); restarting"
+                    + (f"; its last output: {log.splitlines()[-1]}" if log else "")
+                )
+                self._launch(run, parse_spec(row["spec"], f"pipeline {name}"), row["workdir"])
+
+    def _start(self, row: dict) -> None:
+        spec = parse_spec(row["spec"], f"pipeline {row['name']}")
+        root = Path(tempfile.mkdtemp(prefix=f"cdl-spout-{spec.name}-"))
+        (root / "pfs" / "out").mkdir(parents=True)
+        run = SpoutRun(spec.name, row["version"], spec.output_branch, root)
+        self.running[spec.name] = run
+        self._launch(run, spec, row["workdir"])
+        self.say(f"{spec.name}: spout started")
+
+    def _launch(self, run: SpoutRun, spec: PipelineSpec, workdir: str) -> None:
+        command = local_command(spec.transform, run.root / "pfs", Path(workdir))
+        with open(run.root / "spout.log", "ab") as log:
+            try:
+                run.proc = subprocess.Popen(
+                    command.argv,
+                    stdin=subprocess.PIPE if command.stdin else subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=command.cwd,
+                    env=command.env,
+                    text=True,
+                    start_new_session=True,  # stopped as a group, with its children
+                )
+            except OSError as exc:
+                log.write(f"cannot run {command.argv[0]!r}: {exc.strerror}\n".encode())
+                run.proc = None
+        run.started = time.monotonic()
+        if command.stdin and run.proc is not None:
+            try:
+                run.proc.stdin.write(command.stdin)
+                run.proc.stdin.close()
+            except OSError:
+                pass  # it exited before reading: seen as exited at the next pass
+
+    def _commit(self, run: SpoutRun, final: bool = False) -> None:
+        """Commit the files of /pfs/out that are new or changed and that stayed the same since
+        the last scan, or have been changing for SPOUT_MAX_WAIT_S (all of them once the process
+        has exited)."""
+        out = run.root / "pfs" / "out"
+        current = {}
+        for folder, _, names in os.walk(out):
+            for file_name in names:
+                path = Path(folder) / file_name
+                if path.is_file() and not path.is_symlink():
+                    info = path.stat()
+                    current["/" + path.relative_to(out).as_posix()] = (
+                        info.st_size,
+                        info.st_mtime_ns,
+                    )
+        now, ready = time.monotonic(), {}
+        for path, mark in current.items():
+            if run.committed.get(path) == mark:
+                continue
+            since = run.pending.setdefault(path, now)
+            if final or run.seen.get(path) == mark or now - since >= SPOUT_MAX_WAIT_S:
+                ready[path] = mark
+        run.seen = current
+        if not ready:
+            return
+        with self.engine.repos.writer(
+            run.name, run.branch, message="spout", author=f"pipeline:{run.name}", origin="pipeline"
+        ) as writer:
+            for path in sorted(ready):
+                writer.add_file(path, out / path[1:])
+        run.committed.update(ready)
+        for path in ready:
+            del run.pending[path]
+
+    def _stop(self, run: SpoutRun, commit: bool) -> None:
+        if not run.exited:
+            try:
+                os.killpg(run.proc.pid, signal.SIGTERM)
+                run.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.proc.pid, signal.SIGKILL)
+                run.proc.wait()
+            except ProcessLookupError:
+                pass
+        try:
+            if commit:
+                self._commit(run, final=True)
+        finally:
+            shutil.rmtree(run.root, ignore_errors=True)
+            del self.running[run.name]
+            if self.conn is not None:
+                db.unlock(self.conn, f"cdl.spout:{run.name}")
+            self.say(f"{run.name}: spout stopped")
+
+    def stop_all(self) -> None:
+        """Stop every spout, committing what each wrote last (the worker is stopping)."""
+        for run in list(self.running.values()):
+            try:
+                self._stop(run, commit=True)
+            except (CDLError, psycopg.Error) as exc:
+                self.say(f"{run.name}: stopping the spout: {exc}")
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None

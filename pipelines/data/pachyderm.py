@@ -42,10 +42,14 @@ from pipelines.data.backend import (
     normalize_path,
     scan_sources,
 )
-from pipelines.data.spec import PipelineSpec, load_spec, parse_duration
+from pipelines.data.schedule import parse_duration
+from pipelines.data.spec import PipelineSpec, load_spec
 
 # Fields whose local defaults differ from protobuf's zero values: sent explicitly.
 EXPLICIT = ("datum_tries", "output_branch", "parallelism_spec")
+DURATIONS = ("datum_timeout", "job_timeout", "maximum_expected_uptime")
+# Pachyderm 1.x fields that specs still carry and pachd 2 refuses: accepted, not sent.
+NOT_SENT = ("max_queue_size",)
 
 
 def _sdk():
@@ -62,11 +66,14 @@ def _sdk():
 
 def spec_json(spec: PipelineSpec) -> dict[str, Any]:
     """The spec as pachd's CreatePipelineRequest JSON: durations in seconds ('300s'), the local
-    defaults that differ from protobuf's zero values written out, and each pfs input named."""
-    data = spec.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    defaults that differ from protobuf's zero values written out, each pfs input named, and
+    snake_case keys whichever case the file used."""
+    data = spec.model_dump(
+        mode="json", exclude_none=True, exclude_defaults=True, exclude=set(NOT_SENT)
+    )
     for key in EXPLICIT:
         data[key] = spec.model_dump(mode="json")[key]
-    for key in ("datum_timeout", "job_timeout"):
+    for key in DURATIONS:
         if key in data:
             data[key] = f"{parse_duration(data[key]):g}s"
 
@@ -74,12 +81,22 @@ def spec_json(spec: PipelineSpec) -> dict[str, Any]:
         if "pfs" in node:
             node["pfs"].setdefault("name", node["pfs"]["repo"])
             node["pfs"].setdefault("branch", "master")
-        for kind in ("cross", "union", "join"):
+        for kind in ("cross", "union", "join", "group"):
             for child in node.get(kind, []):
                 name_inputs(child)
 
-    name_inputs(data["input"])
-    return data
+    if "input" in data:  # a spout has none
+        name_inputs(data["input"])
+    return _without_false(data)
+
+
+def _without_false(value):
+    """`false` is protobuf's default for every bool: leave it out, as pachd's JSON would."""
+    if isinstance(value, dict):
+        return {k: _without_false(v) for k, v in value.items() if v is not False}
+    if isinstance(value, list):
+        return [_without_false(v) for v in value]
+    return value
 
 
 def request_for(spec: PipelineSpec):
@@ -422,8 +439,14 @@ class PachydermRepos(_Pachd, DataBackend):
 class PachydermPipelines(_Pachd, PipelineBackend):
     """Pipelines on a pachd: created, updated and deleted there; pachd runs their jobs."""
 
-    def create(self, spec_path: Path, update: bool = False, reprocess: bool = False) -> dict:
-        spec = load_spec(spec_path)
+    def create(
+        self,
+        spec_path: Path,
+        update: bool = False,
+        reprocess: bool = False,
+        spec: PipelineSpec | None = None,
+    ) -> dict:
+        spec = spec or load_spec(spec_path)
         request_for(spec)  # fails here, naming the field, rather than on the cluster
         self._call(
             f"create pipeline {spec.name}",
@@ -432,7 +455,7 @@ class PachydermPipelines(_Pachd, PipelineBackend):
             update=update,
             reprocess=reprocess,
         )
-        return {"name": spec.name, "version": "on pachd"}
+        return {"name": spec.name, "version": "on pachd", "ignored": []}
 
     def delete(self, name: str, keep_repo: bool = False) -> None:
         self._call(

@@ -207,6 +207,13 @@ class DataRepos(DataBackend):
 
     # -- commits -------------------------------------------------------------------------
 
+    def head(self, conn: psycopg.Connection, repo: str, branch: str) -> Commit | None:
+        """The head commit of repo@branch; None when the branch is missing or empty."""
+        row = conn.execute(
+            "SELECT head FROM data_branches WHERE repo = %s AND name = %s", [repo, branch]
+        ).fetchone()
+        return self.commit_by_id(conn, row[0]) if row and row[0] else None
+
     @staticmethod
     def commit_by_id(conn: psycopg.Connection, commit_id: str) -> Commit | None:
         return db.fetch_one(conn, Commit, "SELECT * FROM data_commits WHERE id = %s", [commit_id])
