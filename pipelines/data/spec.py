@@ -44,6 +44,7 @@ class Transform(_Spec):
     image: str | None = None  # the container image on Pachyderm; locally the spec's folder
     working_dir: str | None = None  # in the image; locally only when inside /pfs
     accept_return_code: list[int] = Field(default_factory=list)
+    datum_batching: bool = False  # start once per worker, ask for datums: see batching.py
     # Cluster-only, passed on to Pachyderm:
     user: str | None = None
     secrets: list[dict[str, Any]] = Field(default_factory=list)
@@ -180,7 +181,8 @@ class PipelineSpec(_Spec):
         inputs' shape (not parallelism or descriptions), the code it runs, and a salt that
         `update --reprocess` changes."""
         relevant = {
-            "transform": self.transform.model_dump(mode="json"),
+            # how datums reach the code, not what it computes (like parallelism)
+            "transform": self.transform.model_dump(mode="json", exclude={"datum_batching"}),
             "input": self.input.model_dump(mode="json", exclude_none=True),
             "code": code_hash,
             "salt": salt,
