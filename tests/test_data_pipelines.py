@@ -600,6 +600,10 @@ def test_batching_runs_code_that_does_not_ask_once_per_datum(engine, repos, sour
     engine.create(write_spec(tmp_path, spec))
     assert settle(engine, name).state == "success"
     assert contents(repos, name) == {"/a.txt": b"A", "/b/c.txt": b"C"}
+    # Batching changes how datums reach the code, not its outputs: turning it off reruns nothing.
+    spec["transform"]["datum_batching"] = False
+    assert engine.create(write_spec(tmp_path, spec), update=True)["version"] == 2
+    assert name not in engine.pending()
 
 
 def test_batching_helper_outside_an_engine_runs_the_mounted_datum_once(monkeypatch):

@@ -475,18 +475,20 @@ class PipelineEngine:
         stop = threading.Event()
 
         def work() -> None:
-            worker = _BatchWorker(self, spec, workdir, job_id)
+            worker = None
             try:
+                worker = _BatchWorker(self, spec, workdir, job_id)
                 while not stop.is_set():
                     try:
                         datum = todo.get_nowait()
                     except queue.Empty:
                         return
                     done.put(worker.run(datum))
-            except BaseException as exc:  # noqa: BLE001 (raised again in the job's thread)
+            except BaseException as exc:  # raised again in the job's thread
                 done.put(exc)
             finally:
-                worker.close()
+                if worker is not None:
+                    worker.close()
 
         threads = [
             threading.Thread(target=work, name=f"batch-{i}", daemon=True)
