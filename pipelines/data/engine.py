@@ -22,7 +22,6 @@ import json
 import os
 import queue
 import re
-import select
 import shutil
 import signal
 import socket
@@ -776,24 +775,26 @@ class _BatchWorker:
             if left <= 0:
                 self._kill()
                 return f"timed out after {self.spec.datum_timeout} (datum_timeout)"
-            if select.select([self.server], [], [], left)[0]:
+            self.server.settimeout(left)
+            try:
                 conn, _ = self.server.accept()
-                try:
-                    conn.settimeout(10)
-                    error = json.loads(conn.makefile("rb").readline() or b"{}").get("error")
-                except (OSError, ValueError, AttributeError) as exc:
-                    error = f"unreadable request on ${SOCKET_ENV}: {exc}"
-                self.waiting = conn
-                if not self.asked:  # the process's first request: the mounted datum is its answer
-                    self.asked = True
-                    self._answer({"env": _datum_env(self.datum, self.pfs)})
+            except TimeoutError:
+                code = self.proc.poll()
+                if code is None:
                     continue
-                return error or None
-            code = self.proc.poll()
-            if code is not None:
                 self._kill()
                 ok = code == 0 or code in self.spec.transform.accept_return_code
                 return None if ok else _exit_error(code, self._log())
+            try:
+                conn.settimeout(10)
+                error = json.loads(conn.makefile("rb").readline() or b"{}").get("error")
+            except (OSError, ValueError, AttributeError) as exc:
+                error = f"unreadable request on ${SOCKET_ENV}: {exc}"
+            self.waiting = conn
+            if self.asked:
+                return error or None
+            self.asked = True  # its first request: the datum mounted is the answer
+            self._answer({"env": _datum_env(self.datum, self.pfs)})
 
     def _answer(self, message: dict) -> None:
         conn, self.waiting = self.waiting, None
