@@ -7,6 +7,10 @@ folder, the transform runs as a subprocess with `/pfs/...` in its command, stdin
 rewritten to that folder, and whatever it writes to `/pfs/out` is collected. The outputs of all
 datums make one commit on the output repo, with provenance to every input commit.
 
+With `transform.datum_batching`, the transform is started once per worker instead (see
+`_BatchWorker` and batching.py): each worker mounts datum after datum in one folder of its own
+and hands each over when the transform asks for the next one on a unix socket.
+
 Incremental: a datum whose content (the bytes of its files) and pipeline version (transform,
 inputs, the code files the transform names, the reprocess salt) were seen before is not run
 again; its earlier output is reused.
