@@ -9,6 +9,7 @@ others, `union` lists them all, `join` combines datums whose captured keys are e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -33,7 +34,7 @@ class DatumInput:
 class Datum:
     inputs: tuple[DatumInput, ...]
 
-    @property
+    @functools.cached_property  # asked for several times per datum in every job
     def hash(self) -> str:
         """Content identity: input names, matched paths and the bytes (sha256) of every file."""
         content = [
