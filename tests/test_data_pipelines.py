@@ -661,3 +661,157 @@ def test_cli(shared_stack, repos, source, tmp_path):
     assert deleted.returncode == 0, deleted.stderr
     assert name not in cdl("data", "repo", "list", cwd=folder).stdout
     assert os.path.exists(spec)
+
+
+# -- datum batching --------------------------------------------------------------------------
+
+# A batching transform: started once per worker, one call of `step` per datum. Each call notes
+# its pid and datum; "boom" in a file raises (fails the datum), "die" kills the process the first
+# time (a marker file remembers), "slow" sleeps past any datum_timeout.
+BATCHED = """
+import os, sys, time
+from pathlib import Path
+from pipelines.data.batching import batch_all_datums
+
+def step(src, out):
+    with open(os.environ["NOTES"], "a") as notes:
+        notes.write(f"{os.getpid()} {os.environ['src']}\\n")
+    print("datum", os.path.basename(os.environ["src"]))
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if b"boom" in data:
+            raise ValueError(f"cannot parse {path.name}")
+        if b"die" in data and not (src.parents[1] / "died").exists():
+            (src.parents[1] / "died").touch()
+            os._exit(9)
+        if b"slow" in data:
+            time.sleep(30)
+        (out / path.name).write_bytes(data.upper())
+
+if __name__ == "__main__":
+    batch_all_datums(step)(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def batched_pipeline(engine, source, tmp_path, **extra) -> tuple[str, Path]:
+    """A batching pipeline running BATCHED; returns its name and the notes file it writes."""
+    folder = tmp_path / uuid.uuid4().hex[:8]
+    folder.mkdir()
+    (folder / "step.py").write_text(BATCHED)
+    notes = folder / "notes.txt"
+    name = uid("batch")
+    spec = {
+        "pipeline": {"name": name},
+        "transform": {
+            "cmd": ["python3", "step.py", "/pfs/src", "/pfs/out"],
+            "env": {"NOTES": str(notes)},
+            "datum_batching": True,
+        },
+        "input": {"pfs": {"repo": source, "glob": "/*", "name": "src"}},
+        **extra,
+    }
+    engine.create(write_spec(folder, spec))
+    return name, notes
+
+
+def noted(notes: Path) -> list[tuple[str, str]]:
+    """(pid, datum path) of each call, in order."""
+    return [tuple(line.split()) for line in notes.read_text().splitlines()]
+
+
+def test_batching_runs_one_process_per_worker_and_stays_incremental(
+    engine, repos, source, tmp_path
+):
+    put(repos, source, tmp_path, {f"{i:02d}.txt": f"file {i}".encode() for i in range(30)})
+    name, notes = batched_pipeline(engine, source, tmp_path, parallelism_spec={"constant": 2})
+    job = settle(engine, name)
+    assert (job.state, job.datums_processed) == ("success", 30), job.error
+    assert contents(repos, name) == {f"/{i:02d}.txt": f"FILE {i}".encode() for i in range(30)}
+    calls = noted(notes)
+    assert sorted(path.rsplit("/", 1)[1] for _, path in calls) == [
+        f"{i:02d}.txt" for i in range(30)
+    ]
+    pids = {pid for pid, _ in calls}
+    assert len(pids) == 2  # one process per worker, not one per datum
+    for pid in pids:  # each worker mounts every datum at the same /pfs paths
+        assert len({path.rsplit("/", 1)[0] for p, path in calls if p == pid}) == 1
+    # Each datum's log is its own output.
+    logs = {d["inputs"]["src"]: d["log"] for d in engine.job_datums(job.id)}
+    assert logs["/07.txt"].strip() == "datum 07.txt"
+
+    put(repos, source, tmp_path, {"30.txt": b"new", "00.txt": b"changed"})
+    job = settle(engine, name)
+    assert (job.datums_total, job.datums_processed, job.datums_skipped) == (31, 2, 29)
+    assert sorted(path.rsplit("/", 1)[1] for _, path in noted(notes)[30:]) == ["00.txt", "30.txt"]
+    assert contents(repos, name)["/00.txt"] == b"CHANGED"
+
+
+def test_batching_retries_a_failing_datum_then_fails_the_job(
+    engine, repos, source, tmp_path, shared_stack
+):
+    files = {f"good{i}.txt": b"fine" for i in range(5)}
+    put(repos, source, tmp_path, {**files, "bad.txt": b"boom"})
+    name, notes = batched_pipeline(engine, source, tmp_path, datum_tries=2)
+    job = settle(engine, name)
+    assert job.state == "failure" and job.output_commit is None
+    assert job.datums_processed == 5 and job.datums_failed == 1
+    assert (
+        '{"src": "/bad.txt"} failed after 2 attempt(s): ValueError: cannot parse bad.txt'
+        in job.error
+    )
+    calls = noted(notes)
+    assert [path.endswith("/bad.txt") for _, path in calls].count(True) == 2
+    assert len({pid for pid, _ in calls}) == 1  # a reported error does not stop the process
+    [failed] = engine.job_datums(job.id, "failed")
+    assert failed["attempts"] == 2 and "ValueError: cannot parse bad.txt" in failed["log"]
+    logs = cdl("data", "job", "logs", job.id, "--failed", cwd=shared_stack.settings.root)
+    assert "cannot parse bad.txt" in logs.stdout and "good" not in logs.stdout
+    put(repos, source, tmp_path, {"bad.txt": b"fixed"})
+    job = settle(engine, name)
+    assert (job.state, job.datums_processed, job.datums_skipped) == ("success", 1, 5)
+
+
+def test_batching_restarts_a_process_that_dies(engine, repos, source, tmp_path):
+    put(repos, source, tmp_path, {f"{c}.txt": c.encode() for c in "abcdef"} | {"c.txt": b"die"})
+    name, notes = batched_pipeline(engine, source, tmp_path, datum_tries=2)
+    job = settle(engine, name)
+    assert (job.state, job.datums_processed) == ("success", 6), job.error
+    assert contents(repos, name)["/c.txt"] == b"DIE"
+    # c's first attempt killed the process; a new one took c again and the rest.
+    assert len({pid for pid, _ in noted(notes)}) == 2
+    attempts = {d["inputs"]["src"]: d["attempts"] for d in engine.job_datums(job.id)}
+    assert attempts["/c.txt"] == 2 and attempts["/a.txt"] == attempts["/f.txt"] == 1
+
+
+def test_batching_datum_timeout_kills_and_restarts(engine, repos, source, tmp_path):
+    put(repos, source, tmp_path, {"a.txt": b"quick", "b.txt": b"slow", "c.txt": b"quick"})
+    name, notes = batched_pipeline(engine, source, tmp_path, datum_tries=1, datum_timeout="3s")
+    job = settle(engine, name)
+    assert job.state == "failure" and "timed out after 3s (datum_timeout)" in job.error
+    assert (job.datums_processed, job.datums_failed) == (2, 1)
+    assert len({pid for pid, _ in noted(notes)}) == 2
+
+
+def test_batching_runs_code_that_does_not_ask_once_per_datum(engine, repos, source, tmp_path):
+    put(repos, source, tmp_path, {"a.txt": b"a", "b/c.txt": b"c"})
+    name = uid("plain")
+    spec = simple_spec(name, source)
+    spec["transform"]["datum_batching"] = True
+    engine.create(write_spec(tmp_path, spec))
+    assert settle(engine, name).state == "success"
+    assert contents(repos, name) == {"/a.txt": b"A", "/b/c.txt": b"C"}
+    # Batching changes how datums reach the code, not its outputs: turning it off reruns nothing.
+    spec["transform"]["datum_batching"] = False
+    assert engine.create(write_spec(tmp_path, spec), update=True)["version"] == 2
+    assert name not in engine.pending()
+
+
+def test_batching_helper_outside_an_engine_runs_the_mounted_datum_once(monkeypatch):
+    from pipelines.data import batching
+
+    monkeypatch.delenv(batching.SOCKET_ENV, raising=False)
+    monkeypatch.delenv(batching.PACHYDERM_ENV, raising=False)
+    monkeypatch.setitem(batching._state, "served", False)
+    calls = []
+    batching.batch_all_datums(lambda x: calls.append(x))(1)
+    assert calls == [1] and batching.next_datum() is None

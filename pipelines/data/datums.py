@@ -12,6 +12,7 @@ with glob '/*': one datum per tick file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -37,7 +38,7 @@ class DatumInput:
 class Datum:
     inputs: tuple[DatumInput, ...]
 
-    @property
+    @functools.cached_property  # asked for several times per datum in every job
     def hash(self) -> str:
         """Content identity: input names, matched paths and the bytes (sha256) of every file."""
         content = [

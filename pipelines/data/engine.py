@@ -9,6 +9,10 @@ environment names each input's path (`$<input name>`) and join or group key
 (`$PACH_DATUM_<input name>_JOIN_ON`, `..._GROUP_BY`). The outputs of all datums make one commit
 on the output repo, with provenance to every input commit.
 
+With `transform.datum_batching`, the transform is started once per worker instead (see
+`_BatchWorker` and batching.py): each worker mounts datum after datum in one folder of its own
+and hands each over when the transform asks for the next one on a unix socket.
+
 Incremental: a datum whose content (the bytes of its files) and pipeline version (transform,
 inputs, the code files the transform names, the reprocess salt) were seen before is not run
 again; its earlier output is reused (unless `reprocess_spec` is `every_job`).
@@ -41,9 +45,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,7 +60,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import psycopg
 from psycopg.rows import dict_row
@@ -71,6 +77,7 @@ from pipelines.core.errors import (
 )
 from pipelines.core.stack import Stack
 from pipelines.data.backend import DEFAULT_BRANCH, Commit, FileEntry, Job, PipelineBackend
+from pipelines.data.batching import SOCKET_ENV
 from pipelines.data.datums import Datum, datums
 from pipelines.data.repos import DataRepos
 from pipelines.data.schedule import parse_cron, parse_duration
@@ -83,6 +90,7 @@ TIMER_S = 1.0  # how often the worker checks cron ticks and spout output
 SPOUT_RESTART_S = 10.0  # the least time between two starts of a spout that exits
 SPOUT_MAX_WAIT_S = 10.0  # a spout's file that keeps changing is committed after this anyway
 TICK_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # Go's time.RFC3339 for UTC, as pachd names tick files
+EXIT_GRACE_S = 5.0  # a batching transform told that no datum is left gets this long to exit
 
 
 @dataclass
@@ -139,6 +147,24 @@ def local_command(
     inside_pfs = transform.working_dir and PFS.match(transform.working_dir)
     cwd = local(transform.working_dir) if inside_pfs else workdir
     return LocalCommand([local(a) for a in transform.cmd], full_env, stdin, cwd)
+
+
+def _exit_error(code: int, output: str) -> str:
+    return f"exit code {code}: " + " | ".join(output.strip().splitlines()[-5:])
+
+
+def _datum_env(datum: Datum, pfs: Path) -> dict[str, str]:
+    """The variables Pachyderm sets for a datum: each input's matched path, its join and group
+    keys, and the datum's id."""
+    env = {}
+    for item in datum.inputs:
+        env[item.name] = f"{pfs}/{item.name}{item.path.rstrip('/')}"
+        if item.key is not None:
+            env[f"PACH_DATUM_{item.name}_JOIN_ON"] = item.key
+        if item.group_key is not None:
+            env[f"PACH_DATUM_{item.name}_GROUP_BY"] = item.group_key
+    env["PACH_DATUM_ID"] = datum.hash[:32]
+    return env
 
 
 class PipelineEngine(PipelineBackend):
@@ -471,41 +497,97 @@ class PipelineEngine(PipelineBackend):
         results: list[DatumResult] = []
         if not to_run:
             return results
-        workers = spec.parallelism_spec.constant
-        lock = threading.Lock()
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-datum") as pool:
-            futures = [
-                pool.submit(self._run_datum, spec, Path(row["workdir"]), job_id, d) for d in to_run
-            ]
-            last_report = time.monotonic()
-            for future in as_completed(futures):
-                result = future.result()
-                with lock:
-                    results.append(result)
-                if result.state == "processed":
-                    conn.execute(
-                        """INSERT INTO pipeline_datum_outputs
-                               (pipeline, version_hash, datum_hash, outputs, job_id)
-                           VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
-                        [
-                            name,
-                            version_hash,
-                            result.datum.hash,
-                            Jsonb([list(o) for o in result.outputs]),
-                            job_id,
-                        ],
-                    )
-                if time.monotonic() - last_report > 1 or len(results) == len(to_run):
-                    last_report = time.monotonic()
-                    done = sum(r.state == "processed" for r in results)
-                    bad = sum(r.state == "failed" for r in results)
-                    conn.execute(
-                        """UPDATE pipeline_jobs SET datums_processed = %s, datums_failed = %s
-                           WHERE id = %s""",
-                        [done, bad, job_id],
-                    )
-                    say(f"{name}: {done + bad}/{len(to_run)} datums run ({bad} failed)")
+        run = self._run_batched if spec.transform.datum_batching else self._run_each
+        last_report = time.monotonic()
+        for result in run(spec, Path(row["workdir"]), job_id, to_run):
+            results.append(result)
+            if result.state == "processed":
+                conn.execute(
+                    """INSERT INTO pipeline_datum_outputs
+                           (pipeline, version_hash, datum_hash, outputs, job_id)
+                       VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
+                    [
+                        name,
+                        version_hash,
+                        result.datum.hash,
+                        Jsonb([list(o) for o in result.outputs]),
+                        job_id,
+                    ],
+                )
+            if time.monotonic() - last_report > 1 or len(results) == len(to_run):
+                last_report = time.monotonic()
+                done = sum(r.state == "processed" for r in results)
+                bad = sum(r.state == "failed" for r in results)
+                conn.execute(
+                    """UPDATE pipeline_jobs SET datums_processed = %s, datums_failed = %s
+                       WHERE id = %s""",
+                    [done, bad, job_id],
+                )
+                say(f"{name}: {done + bad}/{len(to_run)} datums run ({bad} failed)")
         return results
+
+    def _run_each(self, spec, workdir, job_id, to_run) -> Iterator[DatumResult]:
+        """One transform process per datum, `parallelism_spec` at a time."""
+        workers = spec.parallelism_spec.constant
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datum") as pool:
+            futures = [pool.submit(self._run_datum, spec, workdir, job_id, d) for d in to_run]
+            for future in as_completed(futures):
+                yield future.result()
+
+    def _run_batched(self, spec, workdir, job_id, to_run) -> Iterator[DatumResult]:
+        """`parallelism_spec` transform processes, each fed datums until none is left."""
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for datum in to_run:
+            todo.put(datum)
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
+
+        def work() -> None:
+            worker = None
+            try:
+                worker = _BatchWorker(self, spec, workdir, job_id)
+                while not stop.is_set():
+                    try:
+                        datum = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    done.put(worker.run(datum))
+            except BaseException as exc:  # raised again in the job's thread
+                done.put(exc)
+            finally:
+                if worker is not None:
+                    worker.close()
+
+        threads = [
+            threading.Thread(target=work, name=f"batch-{i}", daemon=True)
+            for i in range(min(spec.parallelism_spec.constant, len(to_run)))
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in to_run:
+                item = done.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+
+    def _mount(self, datum: Datum, pfs: Path) -> None:
+        """The datum's files under `pfs/<input>`, and an empty `pfs/out`."""
+        for item in datum.inputs:
+            for entry in item.files:
+                self.store.materialize(entry.sha256, pfs / item.name / entry.path[1:])
+            (pfs / item.name).mkdir(parents=True, exist_ok=True)
+        (pfs / "out").mkdir(exist_ok=True)
+
+    @staticmethod
+    def _invocation(spec, workdir: Path, job_id: str, pfs: Path, datum: Datum) -> LocalCommand:
+        """The transform as a process for `datum`, mounted at `pfs`."""
+        env = {**_datum_env(datum, pfs), "PACH_JOB_ID": job_id}
+        return local_command(spec.transform, pfs, workdir, env)
 
     def _run_datum(self, spec: PipelineSpec, workdir: Path, job_id: str, datum: Datum):
         transform = spec.transform
@@ -515,26 +597,13 @@ class PipelineEngine(PipelineBackend):
             root = Path(tempfile.mkdtemp(prefix="cdl-datum-"))
             try:
                 pfs = root / "pfs"
-                for item in datum.inputs:
-                    for entry in item.files:
-                        self.store.materialize(entry.sha256, pfs / item.name / entry.path[1:])
-                    (pfs / item.name).mkdir(parents=True, exist_ok=True)
-                (pfs / "out").mkdir()
-
-                env = {}
-                for item in datum.inputs:
-                    env[item.name] = f"/pfs/{item.name}{item.path.rstrip('/')}"
-                    if item.key is not None:
-                        env[f"PACH_DATUM_{item.name}_JOIN_ON"] = item.key
-                    if item.group_key is not None:
-                        env[f"PACH_DATUM_{item.name}_GROUP_BY"] = item.group_key
-                env.update(PACH_JOB_ID=job_id, PACH_DATUM_ID=datum.hash[:32])
-                command = local_command(transform, pfs, workdir, env)
+                self._mount(datum, pfs)
+                call = self._invocation(spec, workdir, job_id, pfs, datum)
                 proc = subprocess.run(
-                    command.argv,
-                    input=command.stdin,
-                    cwd=command.cwd,
-                    env=command.env,
+                    call.argv,
+                    input=call.stdin,
+                    cwd=call.cwd,
+                    env=call.env,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,
@@ -552,8 +621,7 @@ class PipelineEngine(PipelineBackend):
                         log,
                         outputs=outputs,
                     )
-                tail = " | ".join(proc.stdout.strip().splitlines()[-5:])
-                error = f"exit code {proc.returncode}: {tail}"
+                error = _exit_error(proc.returncode, proc.stdout)
             except subprocess.TimeoutExpired as exc:
                 log = _tail(exc.stdout or "") if isinstance(exc.stdout, str) else ""
                 error = f"timed out after {spec.datum_timeout} (datum_timeout)"
@@ -929,3 +997,164 @@ class Spouts:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+
+class _BatchWorker:
+    """One transform process of a datum-batching pipeline, and the one `/pfs` folder it sees.
+
+    Each datum is mounted in that folder (emptied first) and handed over as the answer to the
+    process's request on the worker's unix socket; its next request reports the datum done, or
+    failed with an error. The process exiting also concludes the datum, by its exit code as
+    without batching, and datum_timeout kills it. A failed datum is tried again (in a new process
+    if the old one is gone), and the remaining datums go on in the live or a restarted process.
+    The output goes to one file; a datum's log is what was written while it was in hand.
+    """
+
+    def __init__(self, engine: PipelineEngine, spec: PipelineSpec, workdir: Path, job_id: str):
+        self.engine, self.spec, self.workdir, self.job_id = engine, spec, workdir, job_id
+        self.timeout = parse_duration(spec.datum_timeout) if spec.datum_timeout else None
+        self.root = Path(tempfile.mkdtemp(prefix="cdl-batch-"))
+        self.pfs = self.root / "pfs"
+        self.pfs.mkdir()
+        self.log_path = self.root / "output.log"
+        self.log_path.touch()
+        self.socket_path = str(self.root / "datum.sock")
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.socket_path)
+        self.server.listen(8)
+        self.proc: subprocess.Popen | None = None
+        self.asked = False  # whether the process asked for its first datum
+        self.datum: Datum | None = None  # the datum in hand
+        self.offset = 0  # where its log starts in the output file
+        self.waiting: socket.socket | None = None  # a request to answer with the next datum
+
+    def run(self, datum: Datum) -> DatumResult:
+        started = time.monotonic()
+        for attempt in range(1, self.spec.datum_tries + 1):
+            log, error, outputs = self._attempt(datum)
+            if error is None:
+                seconds = time.monotonic() - started
+                return DatumResult(datum, "processed", attempt, seconds, log, outputs=outputs)
+        seconds = time.monotonic() - started
+        return DatumResult(datum, "failed", self.spec.datum_tries, seconds, log, error)
+
+    def _attempt(self, datum: Datum) -> tuple[str, str | None, list | None]:
+        """One try of `datum`: (its log, an error or None, its outputs)."""
+        self.datum, self.offset = datum, self.log_path.stat().st_size
+        try:
+            self._clear(datum)
+            self.engine._mount(datum, self.pfs)
+            if self.proc is None:
+                self._start(datum)
+            else:
+                self._answer({"env": _datum_env(datum, self.pfs)})
+            error = self._wait()
+            outputs = None if error else self.engine._collect(self.pfs / "out")
+            return self._log(), error, outputs
+        except FileNotFoundError as exc:
+            return "", f"cannot run {self.spec.transform.cmd[0]!r}: {exc.strerror}", None
+        except CDLError as exc:
+            return self._log(), exc.problem, None
+
+    def _start(self, datum: Datum) -> None:
+        call = self.engine._invocation(self.spec, self.workdir, self.job_id, self.pfs, datum)
+        call.env[SOCKET_ENV] = self.socket_path
+        stdin = self.root / "stdin"
+        stdin.write_text(call.stdin or "")
+        with open(self.log_path, "ab") as log, open(stdin, "rb") as src:
+            self.proc = subprocess.Popen(
+                call.argv,
+                cwd=call.cwd,
+                env=call.env,
+                stdin=src,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # to kill what it started too
+            )
+        self.asked = False
+
+    def _wait(self) -> str | None:
+        """Until the datum in hand is concluded: None if it succeeded, else the error."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                self._kill()
+                return f"timed out after {self.spec.datum_timeout} (datum_timeout)"
+            self.server.settimeout(left)
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                code = self.proc.poll()
+                if code is None:
+                    continue
+                self._kill()
+                ok = code == 0 or code in self.spec.transform.accept_return_code
+                return None if ok else _exit_error(code, self._log())
+            try:
+                conn.settimeout(10)
+                error = json.loads(conn.makefile("rb").readline() or b"{}").get("error")
+            except (OSError, ValueError, AttributeError) as exc:
+                error = f"unreadable request on ${SOCKET_ENV}: {exc}"
+            self.waiting = conn
+            if self.asked:
+                return error or None
+            self.asked = True  # its first request: the datum mounted is the answer
+            self._answer({"env": _datum_env(self.datum, self.pfs)})
+
+    def _answer(self, message: dict) -> None:
+        conn, self.waiting = self.waiting, None
+        if conn is None:
+            return
+        try:
+            conn.sendall(json.dumps(message).encode() + b"\n")
+        except OSError:
+            pass  # the process is gone: the next wait sees it exit
+        finally:
+            conn.close()
+
+    def _log(self) -> str:
+        """What the process wrote since the datum in hand was mounted."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self.offset)
+            return _tail(log.read().decode("utf-8", errors="replace"))
+
+    def _clear(self, datum: Datum) -> None:
+        """Empty the mount: the folders of this datum's inputs and out stay (same paths)."""
+        keep = {i.name for i in datum.inputs} | {"out"}
+        for child in self.pfs.iterdir():
+            if child.name in keep and child.is_dir() and not child.is_symlink():
+                for inner in child.iterdir():
+                    _remove(inner)
+            else:
+                _remove(child)
+
+    def _kill(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+            self.proc = None
+        if self.waiting is not None:
+            self.waiting.close()
+            self.waiting = None
+
+    def close(self) -> None:
+        if self.proc is not None and self.waiting is not None:
+            self._answer({"done": True})
+            try:
+                self.proc.wait(EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill()
+        self.server.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()

@@ -70,7 +70,6 @@ TRANSFORM_CLUSTER_ONLY = (
     "debug",
     "dockerfile",
     "memory_volume",
-    "datum_batching",
 )
 PFS_CLUSTER_ONLY = ("lazy", "empty_files", "s3", "trigger", "commit", "propagation_spec")
 # The transform fields that made a pipeline's version before the cluster-only ones were
@@ -126,6 +125,7 @@ class Transform(_Spec):
     image: str | None = None  # the container image on Pachyderm; locally the spec's folder
     working_dir: str | None = None  # in the image; locally only when inside /pfs
     accept_return_code: list[int] = Field(default_factory=list)
+    datum_batching: bool = False  # start once per worker, ask for datums: see batching.py
     # Cluster-only, passed on to Pachyderm:
     user: str | None = None
     secrets: list[SecretMount] = Field(default_factory=list)
@@ -135,7 +135,6 @@ class Transform(_Spec):
     debug: bool | None = None
     dockerfile: str | None = None
     memory_volume: bool | None = None
-    datum_batching: bool | None = None
 
 
 def check_glob(glob: str) -> str:

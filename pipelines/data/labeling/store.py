@@ -11,6 +11,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
+from psycopg.rows import dict_row
+
 from pipelines.core import db, lineage
 from pipelines.core.errors import AlreadyExists, NotFound
 from pipelines.core.stack import Stack
@@ -248,12 +250,10 @@ class LabelStore:
         return count
 
     def snapshot_rows(self, name: str, split: str | None = None) -> list[dict]:
-        with self.stack.connect() as conn:
-            cursor = conn.execute(
+        with self.stack.connect() as conn, conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute(
                 """SELECT split, source, label, labeler, labeled_at, annotation_id, version
                    FROM label_snapshot_rows WHERE use_case = %s AND snapshot = %s
                    AND (%s::text IS NULL OR split = %s) ORDER BY source""",
                 [self.case.name, name, split, split],
-            )
-            columns = db.columns(cursor)
-            return [dict(zip(columns, row, strict=True)) for row in cursor]
+            ).fetchall()

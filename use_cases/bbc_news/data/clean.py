@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from pipelines.data.batching import batch_all_datums
 from pipelines.data.cleaning import clean_text
 
 
@@ -28,4 +29,5 @@ def main(src: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    # Started once per worker (datum_batching): every datum is mounted at the same IN and OUT.
+    batch_all_datums(main)(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -7,6 +7,7 @@ wrong file type, no body after the title, or fewer words than MIN_WORDS.
 import sys
 from pathlib import Path
 
+from pipelines.data.batching import batch_all_datums
 from pipelines.data.cleaning import article_problem, place
 
 
@@ -17,4 +18,5 @@ def main(src: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    # Started once per worker (datum_batching): every datum is mounted at the same IN and OUT.
+    batch_all_datums(main)(Path(sys.argv[1]), Path(sys.argv[2]))
