@@ -109,7 +109,7 @@ def cdl(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120):
     )
 
 
-MODEL_CODE = REPO / "tests" / "models"
+MODEL_CODE = REPO / "tests" / "model" / "models"
 
 
 def register_model(
@@ -121,8 +121,8 @@ def register_model(
     artifacts: dict | None = None,
     model_config: dict | None = None,
 ) -> str:
-    """Log the models-from-code file tests/models/<code>.py as a new version of registered model
-    `name` (the alias moved to it, when given); return the version."""
+    """Log the models-from-code file tests/model/models/<code>.py as a new version of registered
+    model `name` (the alias moved to it, when given); return the version."""
     import mlflow
 
     from pipelines.model import tracking

@@ -56,3 +56,23 @@ def test_no_machine_specific_paths_in_tracked_files():
         if "/work/" in text or "/root/" in text or "/home/" in text:
             offenders.append(name)
     assert offenders == []
+
+
+def test_tests_mirror_the_package():
+    """Each package of `pipelines` with code has its tests in the folder of the same name."""
+    for package in (REPO / "pipelines").iterdir():
+        modules = [p for p in package.rglob("*.py") if p.name != "__init__.py"]
+        if package.is_dir() and modules:
+            assert list((REPO / "tests" / package.name).glob("test_*.py")), package.name
+
+
+def test_layers_point_one_way():
+    """cli -> deploy -> model -> data -> core: no module imports a layer above its own."""
+    layers = ["core", "data", "model", "deploy", "cli"]
+    for below, layer in enumerate(layers):
+        above = tuple(f"pipelines.{name}" for name in layers[below + 1 :])
+        for path in (REPO / "pipelines" / layer).rglob("*.py"):
+            for line in path.read_text().splitlines():
+                words = line.split()
+                if words[:1] in (["import"], ["from"]) and words[1].startswith(above):
+                    raise AssertionError(f"{path.relative_to(REPO)} imports upward: {line}")

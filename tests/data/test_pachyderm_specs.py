@@ -18,8 +18,8 @@ from pipelines.data.pachyderm import request_as_dict, request_for, spec_json
 from pipelines.data.repos import DataRepos
 from pipelines.data.spec import INPUT_KINDS, load_specs
 from tests.conftest import REPO
-from tests.test_data_pachyderm import normalise
-from tests.test_data_pipelines import contents, put
+from tests.data.test_pachyderm import normalise
+from tests.data.test_pipelines import contents, put
 
 CORPUS = REPO / "tests" / "data" / "pachyderm_specs"
 FILES = sorted(p for p in CORPUS.iterdir() if p.suffix in (".json", ".yaml"))

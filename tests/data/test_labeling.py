@@ -610,7 +610,7 @@ def test_champion_model_pre_annotates_new_tasks(lab, tmp_path):
 
     from pipelines.model.registry import CHAMPION
     from tests.conftest import register_model
-    from tests.models import nearest_centroid
+    from tests.model.models import nearest_centroid
 
     stack, labeling, _ = lab
     repos, folder = DataRepos(stack), stack.settings.root
