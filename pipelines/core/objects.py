@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -27,9 +28,40 @@ class ObjectMissing(Exception):
     pass
 
 
-class _ObjectStore:
-    """What both stores share: small files are read in one go, large ones by the store's own
-    streaming path; objects are read back in chunks."""
+class ObjectStore(ABC):
+    """The object store port: bytes in, their sha256 out; the same bytes are stored once.
+
+    `put_bytes` / `put_file` / `put_stream` return (sha256, size) and leave an object whole or
+    not at all; `has` says whether one is there; `open` and `materialize` raise `ObjectMissing`
+    for an unknown sha256; a store that cannot be reached raises `Unavailable`. Backends are
+    registered in pipelines/plugins.py under `object_store` and checked by the contract test in
+    tests/core/test_objects.py. Small files are read in one go, large ones by the store's own
+    streaming path (`_put_large`); objects are read back in chunks.
+    """
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config) -> "ObjectStore":
+        """The store an `object_store` section of the stack config describes."""
+
+    @abstractmethod
+    def has(self, sha256: str) -> bool: ...
+
+    @abstractmethod
+    def put_bytes(self, data: bytes) -> tuple[str, int]: ...
+
+    @abstractmethod
+    def put_stream(self, src: BinaryIO) -> tuple[str, int]: ...
+
+    @abstractmethod
+    def _put_large(self, source: Path, src: BinaryIO, size: int) -> tuple[str, int]: ...
+
+    @abstractmethod
+    def open(self, sha256: str) -> BinaryIO: ...
+
+    @abstractmethod
+    def materialize(self, sha256: str, target: Path) -> None:
+        """Write the object's bytes to `target` (a copy, never a link)."""
 
     def put_file(self, source: Path) -> tuple[str, int]:
         """Store a file's bytes; return (sha256, size). Raises OSError if it cannot be read."""
@@ -45,7 +77,7 @@ class _ObjectStore:
                 yield chunk
 
 
-class LocalObjectStore(_ObjectStore):
+class LocalObjectStore(ObjectStore):
     @classmethod
     def from_config(cls, config) -> "LocalObjectStore":
         return cls(config.path)
@@ -120,7 +152,7 @@ class LocalObjectStore(_ObjectStore):
         shutil.copyfile(source, target)
 
 
-class S3ObjectStore(_ObjectStore):
+class S3ObjectStore(ObjectStore):
     """The same store in an S3 bucket (AWS, MinIO, any S3 endpoint): keys `PREFIX/ab/cdef...`.
 
     Credentials come from the usual AWS environment or config files, never from cdl.yaml. An
@@ -231,7 +263,7 @@ class _Closing:
         self.body.close()
 
 
-def object_store_for(settings) -> LocalObjectStore | S3ObjectStore:
+def object_store_for(settings) -> ObjectStore:
     """The object store the stack's configuration names (`object_store.kind`, registered in
     pipelines/plugins.py)."""
     config = settings.stack.object_store

@@ -1,6 +1,9 @@
-"""The S3 object store against a real S3 endpoint on 127.0.0.1 (moto's server)."""
+"""The object store port's contract on both backends (the local folder, and S3 against a real S3
+endpoint on 127.0.0.1: moto's server), then what is particular to S3."""
 
+import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -8,11 +11,12 @@ import boto3
 import pytest
 
 from pipelines.core.errors import CDLError
-from pipelines.core.objects import ObjectMissing, S3ObjectStore
+from pipelines.core.objects import LocalObjectStore, ObjectMissing, S3ObjectStore
 from pipelines.core.postgres import free_port
 from pipelines.core.services import ServiceSpec, Supervisor
 from pipelines.data.engine import PipelineEngine
 from pipelines.data.repos import DataRepos, Ref
+from pipelines.plugins import backend_class, engines
 
 # Throwaway credentials for the local endpoint; it accepts any.
 CREDENTIALS = {
@@ -43,9 +47,47 @@ def s3_endpoint(tmp_path_factory):
 def bucket(s3_endpoint, monkeypatch, request):
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
-    name = f"cdl-{request.node.name.lower().replace('_', '-')[:40]}"
+    name = "cdl-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(params=engines("object_store"))
+def store(request, tmp_path):
+    """Each registered object store, empty."""
+    if request.param == "local":
+        return LocalObjectStore(tmp_path / "objects")
+    return S3ObjectStore(
+        request.getfixturevalue("bucket"), "c", request.getfixturevalue("s3_endpoint")
+    )
+
+
+def test_store_is_the_registered_class(store):
+    assert type(store) in {backend_class("object_store", e) for e in engines("object_store")}
+
+
+def test_bytes_in_sha256_out_stored_once(store, tmp_path):
+    sha, size = store.put_bytes(b"hello")
+    assert (sha, size) == (hashlib.sha256(b"hello").hexdigest(), 5)
+    assert store.put_bytes(b"hello") == (sha, size) and store.has(sha)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))  # past the one-go size: the streaming path
+    sha_big, size_big = store.put_file(big)
+    assert (sha_big, size_big) == (hashlib.sha256(big.read_bytes()).hexdigest(), 3 << 20)
+    assert b"".join(store.read_chunks(sha_big)) == big.read_bytes()
+    with store.open(sha) as stream:
+        assert stream.read() == b"hello"
+    store.materialize(sha, tmp_path / "out" / "copy.txt")
+    assert (tmp_path / "out" / "copy.txt").read_bytes() == b"hello"
+
+
+def test_unknown_objects_are_missing(store, tmp_path):
+    unknown = "0" * 64
+    assert not store.has(unknown)
+    with pytest.raises(ObjectMissing):
+        store.open(unknown)
+    with pytest.raises(ObjectMissing):
+        store.materialize(unknown, tmp_path / "nothing")
 
 
 def keys(endpoint: str, bucket: str) -> list[str]:
