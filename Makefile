@@ -4,8 +4,9 @@
 setup:
 	@bash setup/setup.sh
 
+# The test files are spread over one worker per CPU; a file's tests share its worker.
 test: setup
-	.venv/bin/python -m pytest $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
 
 demo: setup
 	.venv/bin/cdl demo

@@ -9,8 +9,8 @@ environment names each input's path (`$<input name>`) and join or group key
 (`$PACH_DATUM_<input name>_JOIN_ON`, `..._GROUP_BY`). The outputs of all datums make one commit
 on the output repo, with provenance to every input commit.
 
-With `transform.datum_batching`, the transform is started once per worker instead (see
-`_BatchWorker` and batching.py): each worker mounts datum after datum in one folder of its own
+With `transform.datum_batching`, the transform is started once per worker instead (batches.py
+runs it, batching.py is its side): each worker mounts datum after datum in one folder of its own
 and hands each over when the transform asks for the next one on a unix socket.
 
 Incremental: a datum whose content (the bytes of its files) and pipeline version (transform,
@@ -26,12 +26,8 @@ The worker also does what pachd does on a timer:
   a job; ticks accumulate, one datum each, or with `overwrite` the commit holds only the newest.
   The first tick is the first due time after `start` (default: when the pipeline was created);
   a worker that was down commits the missed ticks one by one.
-- Spouts: the transform runs as a long-lived process (restarted if it exits) with `/pfs/out`
-  rewritten to a private folder. About every second the files there that are new or changed,
-  and have stayed the same for one scan (so a file still being written waits), are committed to
-  the output repo (a file that keeps changing, after 10 s anyway); earlier files stay in the
-  repo, as `put file` from a spout on Pachyderm would leave them. Deleting or updating the
-  pipeline stops the process.
+- Spouts (spouts.py): the transform runs as a long-lived process, and what it writes to
+  `/pfs/out` is committed to the output repo as it settles.
 One worker runs a given spout or commits a given tick (advisory locks), however many run.
 
 Fields that only matter on a cluster are ignored here; `create` returns their names.
@@ -46,18 +42,13 @@ import hashlib
 import json
 import os
 import queue
-import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
@@ -77,31 +68,24 @@ from pipelines.core.errors import (
 )
 from pipelines.core.stack import Stack
 from pipelines.data.backend import DEFAULT_BRANCH, Commit, FileEntry, Job, PipelineBackend
-from pipelines.data.batching import SOCKET_ENV
+from pipelines.data.batches import BatchWorker
 from pipelines.data.datums import Datum, datums
 from pipelines.data.repos import DataRepos
 from pipelines.data.schedule import parse_cron, parse_duration
-from pipelines.data.spec import CronInput, PipelineSpec, Transform, load_spec, parse_spec
+from pipelines.data.spec import CronInput, PipelineSpec, load_spec, parse_spec
+from pipelines.data.spouts import Spouts
+from pipelines.data.transform import (
+    DatumResult,
+    LocalCommand,
+    datum_env,
+    exit_error,
+    local_command,
+    tail,
+)
 
-LOG_TAIL = 32_000  # characters of a datum's output kept for `cdl data job logs`
-PFS = re.compile(r"(?<![\w./-])/pfs(?=/|\b|$)")
 POLL_S = 5.0
 TIMER_S = 1.0  # how often the worker checks cron ticks and spout output
-SPOUT_RESTART_S = 10.0  # the least time between two starts of a spout that exits
-SPOUT_MAX_WAIT_S = 10.0  # a spout's file that keeps changing is committed after this anyway
 TICK_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # Go's time.RFC3339 for UTC, as pachd names tick files
-EXIT_GRACE_S = 5.0  # a batching transform told that no datum is left gets this long to exit
-
-
-@dataclass
-class DatumResult:
-    datum: Datum
-    state: str  # processed | skipped | failed
-    attempts: int = 0
-    seconds: float = 0.0
-    log: str = ""
-    error: str = ""
-    outputs: list[tuple[str, str, int]] | None = None
 
 
 def code_hash(spec: PipelineSpec, workdir: Path) -> str:
@@ -114,57 +98,6 @@ def code_hash(spec: PipelineSpec, workdir: Path) -> str:
         if not word.startswith("/") and candidate.is_file():
             digest.update(word.encode() + b"\0" + candidate.read_bytes())
     return digest.hexdigest()
-
-
-def _tail(text: str) -> str:
-    return text[-LOG_TAIL:]
-
-
-@dataclass
-class LocalCommand:
-    argv: list[str]
-    env: dict[str, str]
-    stdin: str | None
-    cwd: str | Path
-
-
-def local_command(
-    transform: Transform, pfs: Path, workdir: Path, env: dict[str, str] | None = None
-) -> LocalCommand:
-    """A transform as a local process: `/pfs` in its command, stdin and environment (the spec's
-    and `env`) rewritten to the folder `pfs`."""
-
-    def local(text: str) -> str:
-        return PFS.sub(lambda _: str(pfs), text)
-
-    # `python3` in a transform is the platform venv's, as the image's would be.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    full_env = {**os.environ, "PATH": path}
-    full_env.update({k: local(v) for k, v in {**transform.env, **(env or {})}.items()})
-    stdin = "".join(local(line) + "\n" for line in transform.stdin) or None
-    # working_dir names a folder of the image on Pachyderm; locally the transform runs in the
-    # spec's folder, unless working_dir is inside /pfs.
-    inside_pfs = transform.working_dir and PFS.match(transform.working_dir)
-    cwd = local(transform.working_dir) if inside_pfs else workdir
-    return LocalCommand([local(a) for a in transform.cmd], full_env, stdin, cwd)
-
-
-def _exit_error(code: int, output: str) -> str:
-    return f"exit code {code}: " + " | ".join(output.strip().splitlines()[-5:])
-
-
-def _datum_env(datum: Datum, pfs: Path) -> dict[str, str]:
-    """The variables Pachyderm sets for a datum: each input's matched path, its join and group
-    keys, and the datum's id."""
-    env = {}
-    for item in datum.inputs:
-        env[item.name] = f"{pfs}/{item.name}{item.path.rstrip('/')}"
-        if item.key is not None:
-            env[f"PACH_DATUM_{item.name}_JOIN_ON"] = item.key
-        if item.group_key is not None:
-            env[f"PACH_DATUM_{item.name}_GROUP_BY"] = item.group_key
-    env["PACH_DATUM_ID"] = datum.hash[:32]
-    return env
 
 
 class PipelineEngine(PipelineBackend):
@@ -545,7 +478,7 @@ class PipelineEngine(PipelineBackend):
         def work() -> None:
             worker = None
             try:
-                worker = _BatchWorker(self, spec, workdir, job_id)
+                worker = BatchWorker(self, spec, workdir, job_id)
                 while not stop.is_set():
                     try:
                         datum = todo.get_nowait()
@@ -586,7 +519,7 @@ class PipelineEngine(PipelineBackend):
     @staticmethod
     def _invocation(spec, workdir: Path, job_id: str, pfs: Path, datum: Datum) -> LocalCommand:
         """The transform as a process for `datum`, mounted at `pfs`."""
-        env = {**_datum_env(datum, pfs), "PACH_JOB_ID": job_id}
+        env = {**datum_env(datum, pfs), "PACH_JOB_ID": job_id}
         return local_command(spec.transform, pfs, workdir, env)
 
     def _run_datum(self, spec: PipelineSpec, workdir: Path, job_id: str, datum: Datum):
@@ -610,7 +543,7 @@ class PipelineEngine(PipelineBackend):
                     errors="replace",
                     timeout=timeout,
                 )
-                log = _tail(proc.stdout)
+                log = tail(proc.stdout)
                 if proc.returncode == 0 or proc.returncode in transform.accept_return_code:
                     outputs = self._collect(pfs / "out")
                     return DatumResult(
@@ -621,9 +554,9 @@ class PipelineEngine(PipelineBackend):
                         log,
                         outputs=outputs,
                     )
-                error = _exit_error(proc.returncode, proc.stdout)
+                error = exit_error(proc.returncode, proc.stdout)
             except subprocess.TimeoutExpired as exc:
-                log = _tail(exc.stdout or "") if isinstance(exc.stdout, str) else ""
+                log = tail(exc.stdout or "") if isinstance(exc.stdout, str) else ""
                 error = f"timed out after {spec.datum_timeout} (datum_timeout)"
             except FileNotFoundError as exc:
                 error = f"cannot run {transform.cmd[0]!r}: {exc.strerror}"
@@ -840,321 +773,3 @@ class PipelineEngine(PipelineBackend):
                 stop.wait(TIMER_S)
         finally:
             spouts.stop_all()
-
-
-@dataclass
-class SpoutRun:
-    name: str
-    version: int
-    branch: str
-    root: Path  # its /pfs, and the process's log
-    proc: subprocess.Popen | None = None  # None: the command could not be started
-    started: float = 0.0
-    seen: dict[str, tuple[int, int]] = field(default_factory=dict)  # path: (size, mtime)
-    committed: dict[str, tuple[int, int]] = field(default_factory=dict)
-    pending: dict[str, float] = field(default_factory=dict)  # path: when it first differed
-
-    @property
-    def exited(self) -> bool:
-        return self.proc is None or self.proc.poll() is not None
-
-
-class Spouts:
-    """The spout pipelines one worker runs: a process each, whose /pfs/out is committed as it
-    changes. A session advisory lock per spout, held on `self.conn`, keeps other workers off."""
-
-    def __init__(self, engine: PipelineEngine, say: Callable[[str], None]):
-        self.engine, self.say = engine, say
-        self.running: dict[str, SpoutRun] = {}
-        self.conn: psycopg.Connection | None = None
-
-    def sync(self) -> None:
-        """Start, commit, restart and stop spouts to match the pipelines table."""
-        if self.conn is None or self.conn.closed or self.conn.broken:
-            self.stop_all()  # their locks went with the connection
-            self.conn = self.engine.stack.connect(autocommit=True)
-        with self.conn.cursor(row_factory=dict_row) as cur:
-            rows = {
-                r["name"]: r
-                for r in cur.execute(
-                    "SELECT name, version, spec, workdir FROM pipelines WHERE spec ? 'spout'"
-                )
-            }
-        for name, run in list(self.running.items()):
-            if name not in rows or rows[name]["version"] != run.version:
-                self._stop(run, commit=name in rows)
-        for name, row in rows.items():
-            run = self.running.get(name)
-            if run is None:
-                if db.try_lock(self.conn, f"cdl.spout:{name}"):
-                    self._start(row)
-                continue
-            self._commit(run, final=run.exited)
-            if run.exited and time.monotonic() - run.started > SPOUT_RESTART_S:
-                log = (run.root / "spout.log").read_text(errors="replace").strip()
-                code = run.proc.returncode if run.proc else "none"
-                self.say(
-                    f"{name}: spout exited (code {code}); restarting"
-                    + (f"; its last output: {log.splitlines()[-1]}" if log else "")
-                )
-                self._launch(run, parse_spec(row["spec"], f"pipeline {name}"), row["workdir"])
-
-    def _start(self, row: dict) -> None:
-        spec = parse_spec(row["spec"], f"pipeline {row['name']}")
-        root = Path(tempfile.mkdtemp(prefix=f"cdl-spout-{spec.name}-"))
-        (root / "pfs" / "out").mkdir(parents=True)
-        run = SpoutRun(spec.name, row["version"], spec.output_branch, root)
-        self.running[spec.name] = run
-        self._launch(run, spec, row["workdir"])
-        self.say(f"{spec.name}: spout started")
-
-    def _launch(self, run: SpoutRun, spec: PipelineSpec, workdir: str) -> None:
-        command = local_command(spec.transform, run.root / "pfs", Path(workdir))
-        with open(run.root / "spout.log", "ab") as log:
-            try:
-                run.proc = subprocess.Popen(
-                    command.argv,
-                    stdin=subprocess.PIPE if command.stdin else subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=command.cwd,
-                    env=command.env,
-                    text=True,
-                    start_new_session=True,  # stopped as a group, with its children
-                )
-            except OSError as exc:
-                log.write(f"cannot run {command.argv[0]!r}: {exc.strerror}\n".encode())
-                run.proc = None
-        run.started = time.monotonic()
-        if command.stdin and run.proc is not None:
-            try:
-                run.proc.stdin.write(command.stdin)
-                run.proc.stdin.close()
-            except OSError:
-                pass  # it exited before reading: seen as exited at the next pass
-
-    def _commit(self, run: SpoutRun, final: bool = False) -> None:
-        """Commit the files of /pfs/out that are new or changed and that stayed the same since
-        the last scan, or have been changing for SPOUT_MAX_WAIT_S (all of them once the process
-        has exited)."""
-        out = run.root / "pfs" / "out"
-        current = {}
-        for folder, _, names in os.walk(out):
-            for file_name in names:
-                path = Path(folder) / file_name
-                if path.is_file() and not path.is_symlink():
-                    info = path.stat()
-                    current["/" + path.relative_to(out).as_posix()] = (
-                        info.st_size,
-                        info.st_mtime_ns,
-                    )
-        now, ready = time.monotonic(), {}
-        for path, mark in current.items():
-            if run.committed.get(path) == mark:
-                continue
-            since = run.pending.setdefault(path, now)
-            if final or run.seen.get(path) == mark or now - since >= SPOUT_MAX_WAIT_S:
-                ready[path] = mark
-        run.seen = current
-        if not ready:
-            return
-        with self.engine.repos.writer(
-            run.name, run.branch, message="spout", author=f"pipeline:{run.name}", origin="pipeline"
-        ) as writer:
-            for path in sorted(ready):
-                writer.add_file(path, out / path[1:])
-        run.committed.update(ready)
-        for path in ready:
-            del run.pending[path]
-
-    def _stop(self, run: SpoutRun, commit: bool) -> None:
-        if not run.exited:
-            try:
-                os.killpg(run.proc.pid, signal.SIGTERM)
-                run.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(run.proc.pid, signal.SIGKILL)
-                run.proc.wait()
-            except ProcessLookupError:
-                pass
-        try:
-            if commit:
-                self._commit(run, final=True)
-        finally:
-            shutil.rmtree(run.root, ignore_errors=True)
-            del self.running[run.name]
-            if self.conn is not None:
-                db.unlock(self.conn, f"cdl.spout:{run.name}")
-            self.say(f"{run.name}: spout stopped")
-
-    def stop_all(self) -> None:
-        """Stop every spout, committing what each wrote last (the worker is stopping)."""
-        for run in list(self.running.values()):
-            try:
-                self._stop(run, commit=True)
-            except (CDLError, psycopg.Error) as exc:
-                self.say(f"{run.name}: stopping the spout: {exc}")
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-
-
-class _BatchWorker:
-    """One transform process of a datum-batching pipeline, and the one `/pfs` folder it sees.
-
-    Each datum is mounted in that folder (emptied first) and handed over as the answer to the
-    process's request on the worker's unix socket; its next request reports the datum done, or
-    failed with an error. The process exiting also concludes the datum, by its exit code as
-    without batching, and datum_timeout kills it. A failed datum is tried again (in a new process
-    if the old one is gone), and the remaining datums go on in the live or a restarted process.
-    The output goes to one file; a datum's log is what was written while it was in hand.
-    """
-
-    def __init__(self, engine: PipelineEngine, spec: PipelineSpec, workdir: Path, job_id: str):
-        self.engine, self.spec, self.workdir, self.job_id = engine, spec, workdir, job_id
-        self.timeout = parse_duration(spec.datum_timeout) if spec.datum_timeout else None
-        self.root = Path(tempfile.mkdtemp(prefix="cdl-batch-"))
-        self.pfs = self.root / "pfs"
-        self.pfs.mkdir()
-        self.log_path = self.root / "output.log"
-        self.log_path.touch()
-        self.socket_path = str(self.root / "datum.sock")
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(self.socket_path)
-        self.server.listen(8)
-        self.proc: subprocess.Popen | None = None
-        self.asked = False  # whether the process asked for its first datum
-        self.datum: Datum | None = None  # the datum in hand
-        self.offset = 0  # where its log starts in the output file
-        self.waiting: socket.socket | None = None  # a request to answer with the next datum
-
-    def run(self, datum: Datum) -> DatumResult:
-        started = time.monotonic()
-        for attempt in range(1, self.spec.datum_tries + 1):
-            log, error, outputs = self._attempt(datum)
-            if error is None:
-                seconds = time.monotonic() - started
-                return DatumResult(datum, "processed", attempt, seconds, log, outputs=outputs)
-        seconds = time.monotonic() - started
-        return DatumResult(datum, "failed", self.spec.datum_tries, seconds, log, error)
-
-    def _attempt(self, datum: Datum) -> tuple[str, str | None, list | None]:
-        """One try of `datum`: (its log, an error or None, its outputs)."""
-        self.datum, self.offset = datum, self.log_path.stat().st_size
-        try:
-            self._clear(datum)
-            self.engine._mount(datum, self.pfs)
-            if self.proc is None:
-                self._start(datum)
-            else:
-                self._answer({"env": _datum_env(datum, self.pfs)})
-            error = self._wait()
-            outputs = None if error else self.engine._collect(self.pfs / "out")
-            return self._log(), error, outputs
-        except FileNotFoundError as exc:
-            return "", f"cannot run {self.spec.transform.cmd[0]!r}: {exc.strerror}", None
-        except CDLError as exc:
-            return self._log(), exc.problem, None
-
-    def _start(self, datum: Datum) -> None:
-        call = self.engine._invocation(self.spec, self.workdir, self.job_id, self.pfs, datum)
-        call.env[SOCKET_ENV] = self.socket_path
-        stdin = self.root / "stdin"
-        stdin.write_text(call.stdin or "")
-        with open(self.log_path, "ab") as log, open(stdin, "rb") as src:
-            self.proc = subprocess.Popen(
-                call.argv,
-                cwd=call.cwd,
-                env=call.env,
-                stdin=src,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # to kill what it started too
-            )
-        self.asked = False
-
-    def _wait(self) -> str | None:
-        """Until the datum in hand is concluded: None if it succeeded, else the error."""
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while True:
-            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
-            if left <= 0:
-                self._kill()
-                return f"timed out after {self.spec.datum_timeout} (datum_timeout)"
-            self.server.settimeout(left)
-            try:
-                conn, _ = self.server.accept()
-            except TimeoutError:
-                code = self.proc.poll()
-                if code is None:
-                    continue
-                self._kill()
-                ok = code == 0 or code in self.spec.transform.accept_return_code
-                return None if ok else _exit_error(code, self._log())
-            try:
-                conn.settimeout(10)
-                error = json.loads(conn.makefile("rb").readline() or b"{}").get("error")
-            except (OSError, ValueError, AttributeError) as exc:
-                error = f"unreadable request on ${SOCKET_ENV}: {exc}"
-            self.waiting = conn
-            if self.asked:
-                return error or None
-            self.asked = True  # its first request: the datum mounted is the answer
-            self._answer({"env": _datum_env(self.datum, self.pfs)})
-
-    def _answer(self, message: dict) -> None:
-        conn, self.waiting = self.waiting, None
-        if conn is None:
-            return
-        try:
-            conn.sendall(json.dumps(message).encode() + b"\n")
-        except OSError:
-            pass  # the process is gone: the next wait sees it exit
-        finally:
-            conn.close()
-
-    def _log(self) -> str:
-        """What the process wrote since the datum in hand was mounted."""
-        with open(self.log_path, "rb") as log:
-            log.seek(self.offset)
-            return _tail(log.read().decode("utf-8", errors="replace"))
-
-    def _clear(self, datum: Datum) -> None:
-        """Empty the mount: the folders of this datum's inputs and out stay (same paths)."""
-        keep = {i.name for i in datum.inputs} | {"out"}
-        for child in self.pfs.iterdir():
-            if child.name in keep and child.is_dir() and not child.is_symlink():
-                for inner in child.iterdir():
-                    _remove(inner)
-            else:
-                _remove(child)
-
-    def _kill(self) -> None:
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-            self.proc = None
-        if self.waiting is not None:
-            self.waiting.close()
-            self.waiting = None
-
-    def close(self) -> None:
-        if self.proc is not None and self.waiting is not None:
-            self._answer({"done": True})
-            try:
-                self.proc.wait(EXIT_GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass
-        self._kill()
-        self.server.close()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
