@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -123,8 +124,45 @@ def ensure_databases(admin_dsn: str, names: list[str]) -> list[str]:
     return created
 
 
-class ExternalPostgres:
+class PostgresServer(ABC):
+    """The platform's Postgres, as the stack uses it: `up` makes it ready (starting it if CDL
+    manages it) and creates the platform databases it lacks, returning their names; `down` stops
+    it if CDL manages it; `status` never raises; `dsn(database)` is the URL of one database.
+    `StackError` (an `Unavailable`) when it cannot be started or reached. Backends are registered
+    in pipelines/plugins.py under `postgres`."""
+
+    label = "postgres"  # how `cdl stack status` names it
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: Settings) -> "PostgresServer": ...
+
+    @property
+    @abstractmethod
+    def address(self) -> str: ...
+
+    @abstractmethod
+    def dsn(self, database: str) -> str: ...
+
+    def init(self) -> str | None:
+        """Prepare the server on first use; say what was done, or None (nothing to do)."""
+        return None
+
+    @abstractmethod
+    def up(self) -> list[str]: ...
+
+    @abstractmethod
+    def down(self) -> bool:
+        """Stop the server if CDL runs it; whether it was running."""
+
+    @abstractmethod
+    def status(self) -> ServerStatus: ...
+
+
+class ExternalPostgres(PostgresServer):
     """A server CDL does not manage: used as-is through the DSN in the stack config."""
+
+    label = "postgres (external)"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ExternalPostgres":
@@ -138,8 +176,11 @@ class ExternalPostgres:
             )
         self.base_dsn = dsn
         self.databases = databases
-        parts = urlsplit(dsn)
-        self.address = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+
+    @property
+    def address(self) -> str:
+        parts = urlsplit(self.base_dsn)
+        return f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
 
     def dsn(self, database: str) -> str:
         return url_for_database(self.base_dsn, database)
@@ -159,8 +200,9 @@ class ExternalPostgres:
         self._check()
         return ensure_databases(self.base_dsn, list(self.databases.model_dump().values()))
 
-    def down(self) -> None:
+    def down(self) -> bool:
         """An external server is not CDL's to stop."""
+        return False
 
     def status(self) -> ServerStatus:
         try:
@@ -170,7 +212,7 @@ class ExternalPostgres:
         return ServerStatus(True, self.address, None, None, "external")
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(PostgresServer):
     """A Postgres cluster under `<home>/postgres`, started and stopped by CDL."""
 
     @classmethod
@@ -281,10 +323,10 @@ class EmbeddedPostgres:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def init(self) -> bool:
+    def init(self) -> str | None:
         """initdb once; a crash half-way leaves only a temporary folder, removed on the next try."""
         if self.initialized:
-            return False
+            return None
         bindir = find_server_binaries()
         for folder in (self.root, self.log.parent, self.password_file.parent):
             folder.mkdir(parents=True, exist_ok=True)
@@ -325,7 +367,7 @@ class EmbeddedPostgres:
             conf.write("\n# Port, addresses and sockets are written by CDL before each start.\n")
             conf.write("include_if_exists = 'cdl.conf'\n")
         staging.rename(self.data)
-        return True
+        return f"initialised Postgres cluster in {self.data}"
 
     def running_pid(self) -> int | None:
         """The postmaster's pid if it is really running this cluster, else None."""
@@ -424,10 +466,10 @@ class EmbeddedPostgres:
         self.start()
         return ensure_databases(self.dsn("postgres"), list(self.databases.model_dump().values()))
 
-    def down(self) -> None:
+    def down(self) -> bool:
         if not self.running_pid():
             self._clear_stale_lock_files()
-            return
+            return False
         self._run(
             find_server_binaries() / "pg_ctl",
             "-D",
@@ -438,6 +480,7 @@ class EmbeddedPostgres:
             "stop",
             what="pg_ctl stop",
         )
+        return True
 
     def status(self) -> ServerStatus:
         pid = self.running_pid()
@@ -452,7 +495,7 @@ class EmbeddedPostgres:
         return ServerStatus(True, self.address, pid, self.log, "accepting connections")
 
 
-def server_for(settings: Settings) -> EmbeddedPostgres | ExternalPostgres:
+def server_for(settings: Settings) -> PostgresServer:
     """The embedded cluster, or with `postgres.dsn` the external server (pipelines/plugins.py)."""
     engine = "external" if settings.stack.postgres.dsn else "embedded"
     return backend_class("postgres", engine).from_settings(settings)

@@ -16,7 +16,7 @@ import psycopg
 from pipelines.core import events, migrations
 from pipelines.core.config import Settings
 from pipelines.core.errors import Invalid, StackError
-from pipelines.core.postgres import EmbeddedPostgres, server_for
+from pipelines.core.postgres import server_for
 from pipelines.core.services import Service, ServiceSpec, Supervisor
 from pipelines.plugins import SERVICE_PROVIDERS, load
 
@@ -39,10 +39,6 @@ class Stack:
         self.settings = settings
         self.postgres = server_for(settings)
         self.supervisor = Supervisor(settings.home)
-
-    @property
-    def embedded(self) -> bool:
-        return isinstance(self.postgres, EmbeddedPostgres)
 
     def dsn(self, database: str | None = None) -> str:
         """Connection URL of one of the platform's databases (default: platform metadata)."""
@@ -97,8 +93,9 @@ class Stack:
             )
         done = []
         with self._lock():
-            if self.embedded and self.postgres.init():
-                done.append(f"initialised Postgres cluster in {self.postgres.data}")
+            initialised = self.postgres.init()
+            if initialised:
+                done.append(initialised)
             created = self.postgres.up()
             if created:
                 done.append(f"created databases: {', '.join(created)}")
@@ -126,8 +123,7 @@ class Stack:
             for name in self.supervisor.names():
                 if self.supervisor.stop(name):
                     stopped.append(name)
-            if self.embedded and self.postgres.running_pid():
-                self.postgres.down()
+            if self.postgres.down():
                 stopped.append("postgres")
         return stopped
 
@@ -135,7 +131,7 @@ class Stack:
         pg = self.postgres.status()
         rows = [
             ComponentStatus(
-                "postgres" if self.embedded else "postgres (external)",
+                self.postgres.label,
                 "healthy" if pg.healthy else pg.detail or "unhealthy",
                 pg.address,
                 pg.pid,
