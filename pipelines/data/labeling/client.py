@@ -109,6 +109,7 @@ class LabelStudioClient:
                 self.sdk.tasks.list(
                     project=project_id,
                     fields="task_only",
+                    include="id,total_annotations",  # not the tasks' data
                     page_size=PAGE_SIZE,
                     request_options=o,
                 )

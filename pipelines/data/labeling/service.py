@@ -30,7 +30,10 @@ from pipelines.data.labeling.webhooks import (
     webhook_port,
 )
 
-IMPORT_BATCH = 500
+IMPORT_BATCH = 500  # tasks a request, with their files' content
+# Predictions a request: each request's cost grows with the project's predictions, so few large
+# ones (2,225 answers: 2.7 s in one request, 7.6 s in five).
+PREDICTIONS_BATCH = 5000
 
 
 @dataclass
@@ -182,7 +185,7 @@ class Labeling:
         # A version of its own, so that only this run's answers become annotations.
         version = f"cdl label auto {uuid.uuid4().hex[:12]}"
         root = self.case.spec.source.path
-        for start in range(0, len(todo), IMPORT_BATCH):
+        for start in range(0, len(todo), PREDICTIONS_BATCH):
             self.client.import_predictions(
                 project_id,
                 [
@@ -192,7 +195,7 @@ class Labeling:
                         "score": 1.0,
                         "result": rows.choice_result(self.case, [rows.class_of(path, root)]),
                     }
-                    for task_id, path in todo[start : start + IMPORT_BATCH]
+                    for task_id, path in todo[start : start + PREDICTIONS_BATCH]
                 ],
             )
         self.client.annotations_from_predictions(project_id, [t for t, _ in todo], version)
