@@ -454,7 +454,8 @@ def test_roles_keep_test_labels_from_scientists(lab):
 
 def test_admin_secrets_stay_off_the_command_line(project_factory):
     """Label Studio takes its admin password and token from the environment: a password that
-    starts with '-' works, and neither secret shows in the process list or the run state."""
+    starts with '-' works, and neither secret shows in the process list or the run state. It is
+    closed (a stranger cannot sign up) and quiet (its pages carry no Sentry DSN)."""
     stack = project_factory()
     server = LabelStudioServer(stack)
     password = "-starts-with-a-dash"
@@ -475,6 +476,20 @@ def test_admin_secrets_stay_off_the_command_line(project_factory):
     cmdline = Path(f"/proc/{stack.supervisor.pid('label-studio')}/cmdline").read_bytes()
     for secret in (password, server.token):
         assert secret not in state and secret.encode() not in cmdline
+
+    projects_page = browser.get("/projects/").text  # the app's pages configure Sentry
+    assert "sentry_dsn: null" in projects_page and "ingest.sentry.io" not in projects_page
+    stranger = httpx.Client(base_url=server.url)
+    form_page = stranger.get("/user/signup")
+    signup = {
+        "email": "stranger@example.com",
+        "password": "long-enough-password",
+        "csrfmiddlewaretoken": stranger.cookies["csrftoken"],
+    }
+    refused = stranger.post("/user/signup", data=signup, headers={"Referer": str(form_page.url)})
+    assert refused.status_code == 403
+    emails = [u.email for u in server.client().sdk.users.list()]
+    assert emails == ["admin@cdl.local"]
 
 
 def test_label_studio_down_is_a_clear_error():

@@ -86,6 +86,11 @@ class LabelStudioServer:
             "POSTGRE_PORT": str(db.port or 5432),
             # Webhooks go to the stack's own receiver on 127.0.0.1.
             "SSRF_PROTECTION_ENABLED": "false",
+            # Closed and quiet: nobody signs up without an invite link, and no error reports go
+            # to Label Studio's Sentry (its default DSNs, backend and frontend, are on).
+            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+            "SENTRY_DSN": "",
+            "FRONTEND_SENTRY_DSN": "",
             # The admin user, made on the first start. In the environment, not the command line:
             # other users see a command line, and a password starting with '-' breaks its parsing.
             "LABEL_STUDIO_USERNAME": ADMIN_EMAIL,
