@@ -12,6 +12,7 @@ from rich.table import Table
 from pipelines.cli.context import cli_context, console, err_console, say, stop_on_signal
 from pipelines.core.errors import Invalid
 from pipelines.data.labeling.predictor import file_predictor
+from pipelines.data.labeling.server import LabelStudioServer
 from pipelines.data.labeling.service import Labeling
 from pipelines.data.labeling.spec import use_case, use_cases_by_project
 from pipelines.data.labeling.webhooks import WebhookReceiver
@@ -30,6 +31,12 @@ snapshot_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(snapshot_app, name="snapshot")
+users_app = typer.Typer(
+    rich_markup_mode=None,
+    help="The people who label: sign-up is closed, so accounts are made here.",
+    no_args_is_help=True,
+)
+app.add_typer(users_app, name="users")
 
 USE_CASE = typer.Argument(..., metavar="USE_CASE", help="e.g. bbc_news")
 
@@ -182,3 +189,20 @@ def webhooks(
         say,
     )
     receiver.serve(port, stop_on_signal())
+
+
+@users_app.command("add")
+def users_add(
+    ctx: typer.Context,
+    email: str = typer.Argument(..., help="The labeler's email, their user name."),
+) -> None:
+    """Create a labeler's Label Studio account in the organization that holds the projects, with
+    a generated password, and print how they sign in. (Label Studio's open-source edition has
+    one role for all members: they can see and label every project.)"""
+    server = LabelStudioServer(cli_context(ctx).stack)
+    password = server.add_user(email)
+    console.print(
+        f"created {email}: they sign in at {server.url}/user/login with the password "
+        f"{password} (and can change it under Account & Settings)",
+        highlight=False,
+    )

@@ -491,6 +491,22 @@ def test_admin_secrets_stay_off_the_command_line(project_factory):
     emails = [u.email for u in server.client().sdk.users.list()]
     assert emails == ["admin@cdl.local"]
 
+    added = cdl("label", "users", "add", "labeler@example.com", cwd=stack.settings.root)
+    assert added.returncode == 0, added.stderr
+    given = added.stdout.split("with the password ")[1].split()[0]
+    labeler = httpx.Client(base_url=server.url, follow_redirects=True)
+    login = labeler.get("/user/login")
+    form = {
+        "email": "labeler@example.com",
+        "password": given,
+        "csrfmiddlewaretoken": labeler.cookies["csrftoken"],
+    }
+    signed_in = labeler.post("/user/login", data=form, headers={"Referer": str(login.url)})
+    assert signed_in.url.path != "/user/login"
+    assert labeler.get("/api/projects").status_code == 200  # a member of the organization
+    again = cdl("label", "users", "add", "labeler@example.com", cwd=stack.settings.root)
+    assert again.returncode == 1 and "already has a user labeler@example.com" in again.stderr
+
 
 def test_label_studio_down_is_a_clear_error():
     client = LabelStudioClient("http://127.0.0.1:9", "0" * 40, retries=2, backoff_s=0.01)

@@ -180,6 +180,13 @@ class LabelStudioClient:
         users = self._call("list users", lambda o: self.sdk.users.list(request_options=o))
         return {u.id: u.email or u.username for u in users}
 
+    def create_user(self, email: str) -> None:
+        """An account in the organization of this client's user (no password yet)."""
+        self._call(
+            f"create user {email}",
+            lambda o: self.sdk.users.create(email=email, username=email, request_options=o),
+        )
+
     def webhook_urls(self, project_id: int) -> list[str]:
         hooks = self._call(
             f"list the webhooks of project {project_id}",

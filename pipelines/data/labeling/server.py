@@ -9,11 +9,13 @@ API token are generated on the first start, without prompts, and kept in `<home>
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import subprocess
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pipelines.core.errors import StackError
+from pipelines.core.errors import AlreadyExists, StackError, Unavailable
 from pipelines.core.postgres import free_port, port_is_free
 from pipelines.core.services import ServiceSpec
 from pipelines.core.stack import Stack
@@ -118,6 +120,38 @@ class LabelStudioServer:
             address=f"http://127.0.0.1:{port}",
             start_timeout_s=240,
         )
+
+    def add_user(self, email: str) -> str:
+        """A labeler's account in the admin's organization, with a generated password, which is
+        returned (sign-up is closed: this is how people join)."""
+        client = self.client()
+        if email.lower() in {e.lower() for e in client.user_emails().values()}:
+            raise AlreadyExists(f"Label Studio already has a user {email}", "pick another email")
+        client.create_user(email)
+        password = secrets.token_urlsafe(12)
+        # Label Studio's own command sets it; the password goes in on stdin, not the command line.
+        done = subprocess.run(
+            [
+                str(self.executable),
+                "reset_password",
+                "--username",
+                email,
+                "--data-dir",
+                str(self.data_dir),
+            ],
+            input=password + "\n",
+            env={**os.environ, **self.spec().env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if "Password successfully changed" not in done.stdout:
+            output = (done.stdout + done.stderr).strip().splitlines()[-3:]
+            raise Unavailable(
+                f"Label Studio could not set the password of {email}: {' | '.join(output)}",
+                "check .cdl/logs/label-studio.log, then run 'cdl label users add' again",
+            )
+        return password
 
     def client(self) -> LabelStudioClient:
         if not self.running():
