@@ -13,7 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console, say, stop_on_signal
-from pipelines.core.errors import Invalid
+from pipelines.core.errors import Invalid, NotFound
 from pipelines.data import bbc, fashion, formats
 from pipelines.data.backend import (
     Commit,
@@ -217,10 +217,17 @@ def get(
     commit = data.resolve(parsed)
     path = parsed.path or "/"
     if output is None:
-        entries = data.files(commit, path)
-        first = next(entries, None)
-        if first is None or first.path != path:
-            raise Invalid(f"{commit.ref}:{path} is a folder or missing", "give --output FOLDER")
+        first = next(data.files(commit, path), None)
+        if first is None:
+            parent = path.rsplit("/", 1)[0] or "/"
+            raise NotFound(
+                f"{commit.ref} has no file or folder {path}",
+                f"see what {parent} holds: cdl data ls {commit.repo}@{commit.id[:12]}:{parent}",
+            )
+        if first.path != path:
+            raise Invalid(
+                f"{commit.ref}:{path} is a folder", "give --output FOLDER to write its files there"
+            )
         with data.open(commit, first) as stream:
             shutil.copyfileobj(stream, sys.stdout.buffer)
         sys.stdout.buffer.flush()
@@ -307,10 +314,13 @@ def branch(
 
 @app.command()
 def clean(ctx: typer.Context, repo: str = typer.Argument(..., help="The repo.")) -> None:
-    """Discard open commits left by writers that died (a killed `put`). Commits being written
-    right now are left alone."""
-    removed = repos(ctx).clean(repo)
-    console.print(f"discarded {removed} open commit(s) in {repo}")
+    """Discard what writers that died (a killed `put`) left: open commits of the repo, and
+    temporary object files. What is being written right now is left alone."""
+    cleaned = repos(ctx).clean(repo)
+    console.print(
+        f"discarded {cleaned.commits} open commit(s) in {repo} and {cleaned.objects} temporary "
+        "object file(s)"
+    )
 
 
 # -- pipelines and jobs --------------------------------------------------------------------

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress
 from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console, say, stop_on_signal
-from pipelines.core.errors import Invalid
+from pipelines.core.errors import Invalid, NotFound
 from pipelines.data.labeling.predictor import file_predictor
 from pipelines.data.labeling.server import LabelStudioServer
 from pipelines.data.labeling.service import Labeling
@@ -153,6 +153,16 @@ def snapshot_create(
     )
 
 
+@snapshot_app.command("list")
+def snapshot_list(ctx: typer.Context, name: str = USE_CASE) -> None:
+    """List a use case's snapshots, newest first, with their label counts."""
+    table = Table("snapshot", "labels", "created", title=name)
+    for found in labeling(ctx, name).store.snapshots():
+        created = found["created_at"].astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(found["name"], str(found["rows"]), created)
+    console.print(table)
+
+
 @snapshot_app.command("show")
 def snapshot_show(
     ctx: typer.Context,
@@ -162,8 +172,10 @@ def snapshot_show(
     """Count a snapshot's labels per split and label."""
     rows = labeling(ctx, name).snapshot_rows(snapshot)
     if not rows:
-        console.print(f"no snapshot {name}/{snapshot}")
-        raise typer.Exit(1)
+        raise NotFound(
+            f"no snapshot {name}/{snapshot}",
+            f"'cdl label snapshot list {name}' lists them",
+        )
     counts: dict[tuple[str, str], int] = {}
     for row in rows:
         counts[(row["split"], row["label"])] = counts.get((row["split"], row["label"]), 0) + 1

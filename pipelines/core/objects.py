@@ -24,6 +24,16 @@ CHUNK = 1 << 20
 SMALL = 1 << 20  # read in one go below this size
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class ObjectMissing(Exception):
     pass
 
@@ -63,6 +73,11 @@ class ObjectStore(ABC):
     def materialize(self, sha256: str, target: Path) -> None:
         """Write the object's bytes to `target` (a copy, never a link)."""
 
+    def clean(self) -> int:
+        """Remove what writers that died left behind; return how many. (S3 keeps nothing of an
+        interrupted upload but its multipart parts, which the bucket's lifecycle rules expire.)"""
+        return 0
+
     def put_file(self, source: Path) -> tuple[str, int]:
         """Store a file's bytes; return (sha256, size). Raises OSError if it cannot be read."""
         with open(source, "rb") as src:
@@ -101,8 +116,20 @@ class LocalObjectStore(ObjectStore):
         return folder
 
     def _temporary(self, folder: str) -> tuple[int, str]:
-        """A new temporary file beside its final place, so the rename stays in one folder."""
-        return tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        """A new temporary file beside its final place, so the rename stays in one folder; its
+        name carries the writer's pid, so that `clean` knows when the writer is gone."""
+        return tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-")
+
+    def clean(self) -> int:
+        """Remove the temporary files of writers that died (a killed put); return how many."""
+        removed = 0
+        for path in self.objects.glob("**/.tmp-*"):
+            pid = path.name.split("-")[1]
+            if pid.isdigit() and _alive(int(pid)):
+                continue  # still being written
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def put_bytes(self, data: bytes) -> tuple[str, int]:
         sha256 = hashlib.sha256(data).hexdigest()

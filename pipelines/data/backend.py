@@ -236,6 +236,14 @@ class Job:
 
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+
+
+@dataclass(frozen=True)
+class Cleaned:
+    commits: int  # open commits discarded
+    objects: int  # temporary object files removed
+
+
 CHUNK = 1 << 20
 
 
@@ -321,8 +329,9 @@ class DataBackend(ABC):
         matches nothing; then nothing is committed)."""
 
     @abstractmethod
-    def clean(self, repo: str) -> int:
-        """Discard open commits left by writers that died; return how many."""
+    def clean(self, repo: str) -> Cleaned:
+        """Discard the open commits of `repo`, and the temporary objects of any repo, that writers
+        which died left behind (what is being written now stays)."""
 
     @abstractmethod
     def provenance(self, commit: Commit) -> list[Commit]:

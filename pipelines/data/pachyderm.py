@@ -29,6 +29,7 @@ from pipelines.core.errors import (
 from pipelines.core.stack import Stack
 from pipelines.data.backend import (
     DEFAULT_BRANCH,
+    Cleaned,
     Commit,
     DataBackend,
     Entry,
@@ -380,7 +381,7 @@ class PachydermRepos(_Pachd, DataBackend):
             target.repo, {}, deletes=paths, message=message, branch=target.name or DEFAULT_BRANCH
         )
 
-    def clean(self, repo: str) -> int:
+    def clean(self, repo: str) -> Cleaned:
         raise _unsupported("clean")
 
     def provenance(self, commit: Commit) -> list[Commit]:

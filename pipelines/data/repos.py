@@ -35,6 +35,7 @@ from pipelines.data.backend import (
     BRANCH_NAME,
     DEFAULT_BRANCH,
     REPO_NAME,
+    Cleaned,
     Commit,
     DataBackend,
     Entry,
@@ -364,8 +365,7 @@ class DataRepos(DataBackend):
             [repo, branch],
         ).rowcount
 
-    def clean(self, repo: str) -> int:
-        """Discard open commits left by dead writers on every branch of `repo`."""
+    def clean(self, repo: str) -> Cleaned:
         removed = 0
         with self.connect() as conn:
             self.require_repo(conn, repo)
@@ -377,7 +377,7 @@ class DataRepos(DataBackend):
                 with db.advisory_lock(conn, self._lock_key(repo, branch), wait=False) as held:
                     if held:  # else its writer is still at work
                         removed += self._discard_open(conn, repo, branch)
-        return removed
+        return Cleaned(removed, self.store.clean())
 
     def _finish(self, conn, writer: CommitWriter, carry_parent: bool, provenance) -> Commit:
         commit = writer.commit

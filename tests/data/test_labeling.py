@@ -565,6 +565,12 @@ def test_cli(lab):
     assert created.returncode == 0, created.stderr
     shown = cdl("label", "snapshot", "show", "bbc_news", "cli-snap", cwd=folder)
     assert "train" in shown.stdout and "test" in shown.stdout
+    listed = cdl("label", "snapshot", "list", "bbc_news", cwd=folder)
+    assert listed.returncode == 0 and "cli-snap" in listed.stdout
+    missing = cdl("label", "snapshot", "show", "bbc_news", "no-such-snap", cwd=folder)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("error: no snapshot bbc_news/no-such-snap")
+    assert "(fix: 'cdl label snapshot list bbc_news' lists them)" in missing.stderr
     wrong_ref = cdl("label", "sync", "bbc_news", "--ref", "bbc-validate@deadbeef", cwd=folder)
     assert wrong_ref.returncode == 1
     assert "cannot label bbc-validate@deadbeef: no commit in bbc-validate" in wrong_ref.stderr

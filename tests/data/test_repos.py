@@ -289,7 +289,7 @@ def test_put_killed_midway_leaves_no_finished_commit(repos, repo, tmp_path, shar
     second, _ = repos.put(Ref.parse(repo), [tree(tmp_path / "v2", {"new.txt": b"n"})])
     assert second.parent == first.id
     assert [c.state for c in repos.log(repo)] == ["finished", "finished"]
-    assert repos.clean(repo) == 0
+    assert repos.clean(repo).commits == 0
 
 
 def test_clean_discards_a_dead_writers_commit(repos, repo, tmp_path, shared_stack):
@@ -300,7 +300,7 @@ def test_clean_discards_a_dead_writers_commit(repos, repo, tmp_path, shared_stac
             [uuid.uuid4().hex, repo],
         )
     assert [c.state for c in repos.log(repo)] == ["open"]
-    assert repos.clean(repo) == 1
+    assert repos.clean(repo).commits == 1
     assert repos.log(repo) == []
 
 
@@ -338,6 +338,12 @@ def test_cli_round_trip(shared_stack, tmp_path):
     assert put.returncode == 0, put.stderr
     assert "2 files" in put.stdout
     assert cdl("data", "get", f"{name}:/docs/a.txt", cwd=folder).stdout == "alpha\n"
+    missing = cdl("data", "get", f"{name}:/docs/zzz.txt", cwd=folder)
+    assert missing.returncode == 1 and "has no file or folder /docs/zzz.txt" in missing.stderr
+    assert f"see what /docs holds: cdl data ls {name}@" in missing.stderr
+    folder_to_stdout = cdl("data", "get", f"{name}:/docs", cwd=folder)
+    assert folder_to_stdout.returncode == 1 and ":/docs is a folder" in folder_to_stdout.stderr
+    assert "give --output FOLDER" in folder_to_stdout.stderr
     ls = cdl("data", "ls", f"{name}@master:/docs", "-r", cwd=folder)
     assert "/docs/a.txt" in ls.stdout and "/docs/b.txt" in ls.stdout
     (src / "docs" / "a.txt").write_bytes(b"ALPHA\n")
@@ -359,3 +365,20 @@ def test_rm_files_and_folders(repos, repo, tmp_path):
     with pytest.raises(CDLError, match="has no file or folder /zzz"):
         repos.delete(Ref.parse(repo), ["/b", "/zzz"])
     assert repos.resolve(repo).id == second.id  # nothing committed
+
+
+def test_clean_removes_temporary_objects_of_dead_writers_only(repos, repo):
+    """A put killed while it writes an object leaves a temporary file in the object store;
+    `clean` removes it, and leaves the one a live writer is filling."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], text=True, capture_output=True
+    ).stdout.strip()
+    folder = repos.store.objects / "ab"
+    folder.mkdir(parents=True, exist_ok=True)
+    left = folder / f".tmp-{dead}-k1ll3d"
+    writing = folder / f".tmp-{os.getpid()}-busy"
+    left.write_bytes(b"")
+    writing.write_bytes(b"half")
+    cleaned = repos.clean(repo)
+    assert cleaned.objects >= 1 and not left.exists() and writing.exists()
+    writing.unlink()

@@ -249,6 +249,15 @@ class LabelStore:
                     lineage.consumed(conn, node, upstream)
         return count
 
+    def snapshots(self) -> list[dict]:
+        """The use case's snapshots, newest first: name, rows, created_at."""
+        with self.stack.connect() as conn, conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute(
+                """SELECT name, rows, created_at FROM label_snapshots WHERE use_case = %s
+                   ORDER BY created_at DESC""",
+                [self.case.name],
+            ).fetchall()
+
     def snapshot_rows(self, name: str, split: str | None = None) -> list[dict]:
         with self.stack.connect() as conn, conn.cursor(row_factory=dict_row) as cur:
             return cur.execute(
