@@ -452,6 +452,47 @@ def test_roles_keep_test_labels_from_scientists(lab):
             conn.execute("SELECT count(*) FROM label_rows")
 
 
+def test_test_labels_do_not_leak_through_a_function(lab):
+    """The classic leak through a view: a cheap function in the WHERE clause sees the rows
+    before the view's own filter and prints them. The scientist's views are security barriers,
+    so it sees train rows only; and the scientist cannot create such a function in the first
+    place (PUBLIC has no TEMP or CREATE on the platform database)."""
+    stack, labeling, _ = lab
+    labeling.sync()
+    labeling.auto_annotate()
+    labeling.export()
+    labeling.snapshot(f"leak-{time.monotonic_ns()}")
+    noticed: list[str] = []
+    with stack.connect(autocommit=True) as conn:
+        test_sources = {
+            r[0] for r in conn.execute("SELECT source FROM labels_current WHERE split = 'test'")
+        }
+        assert test_sources
+        conn.execute(
+            """CREATE OR REPLACE FUNCTION public.cdl_leak(text) RETURNS boolean
+               LANGUAGE plpgsql COST 0.0000001 AS $$
+               BEGIN RAISE NOTICE 'row: %', $1; RETURN true; END $$"""
+        )
+        conn.add_notice_handler(lambda notice: noticed.append(notice.message_primary))
+        try:
+            conn.execute("SET ROLE cdl_scientist")
+            for view in ("labels_train", "labels_bbc_news_train", "snapshot_train"):
+                rows = conn.execute(f"SELECT source FROM {view} WHERE cdl_leak(source)").fetchall()
+                assert rows  # the train rows are there to read
+            for attempt in (
+                "CREATE TEMP TABLE stash (source text)",
+                "CREATE FUNCTION pg_temp.mine(text) RETURNS boolean LANGUAGE sql AS 'SELECT true'",
+                "CREATE FUNCTION public.mine(text) RETURNS boolean LANGUAGE sql AS 'SELECT true'",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(attempt)
+        finally:
+            conn.execute("RESET ROLE")
+            conn.execute("DROP FUNCTION public.cdl_leak(text)")
+    seen = {message.removeprefix("row: ") for message in noticed}
+    assert seen and not seen & test_sources
+
+
 def test_admin_secrets_stay_off_the_command_line(project_factory):
     """Label Studio takes its admin password and token from the environment: a password that
     starts with '-' works, and neither secret shows in the process list or the run state. It is
