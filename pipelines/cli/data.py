@@ -38,7 +38,10 @@ repo_app = typer.Typer(
 app.add_typer(repo_app, name="repo")
 
 
-WAIT_HELP = "Run the jobs this triggers here, and wait for them (and those they trigger)."
+WAIT_HELP = (
+    "Wait for every job this triggers, downstream included, running due ones here; exit 1 if "
+    "one failed."
+)
 
 
 def repos(ctx: typer.Context) -> DataBackend:
@@ -151,7 +154,7 @@ def put(
         highlight=False,
     )
     if wait:
-        run_and_report(ctx)
+        run_and_report(ctx, commits=[commit.id])
 
 
 @app.command()
@@ -169,7 +172,7 @@ def rm(
         highlight=False,
     )
     if wait:
-        run_and_report(ctx)
+        run_and_report(ctx, commits=[commit.id])
 
 
 @app.command("ls")
@@ -340,9 +343,15 @@ app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(job_app, name="job")
 
 
-def run_and_report(ctx: typer.Context) -> None:
-    """Run due jobs here and now (downstream ones too); exit 1 if one failed."""
-    jobs = engine(ctx).run_pending(progress=lambda line: err_console.print(line, highlight=False))
+def run_and_report(
+    ctx: typer.Context, commits: list[str] = (), versions: dict[str, int] | None = None
+) -> None:
+    """Run due jobs here and wait for those the worker runs; then print every job the commits
+    or pipeline versions triggered, downstream included, whoever ran it; exit 1 if one failed,
+    naming it and the command that shows its failed datums."""
+    pipelines = engine(ctx)
+    pipelines.run_pending(progress=lambda line: err_console.print(line, highlight=False))
+    jobs = pipelines.triggered_by(commits, versions)
     for job in jobs:
         colour = "green" if job.state == "success" else "red"
         console.print(
@@ -351,7 +360,15 @@ def run_and_report(ctx: typer.Context) -> None:
             f"{job.datums_failed} failed)" + (f": {job.error}" if job.error else ""),
             highlight=False,
         )
-    if any(job.state != "success" for job in jobs):
+    failed = [job for job in jobs if job.state != "success"]
+    for job in failed:
+        err_console.print(
+            f"[bold red]error:[/] job {job.id[:12]} of pipeline {job.pipeline} failed "
+            f"(fix: see its failed datums with 'cdl data job logs {job.id[:12]} --failed')",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if failed:
         raise typer.Exit(1)
 
 
@@ -369,14 +386,15 @@ def pipeline_create(
     """Create each pipeline of the file, in order, and its output repo (named after it). Its
     transform runs locally in the spec's folder; a job starts as soon as every input branch has
     a commit. On a stack whose data engine is pachyderm, the same specs are sent to pachd."""
-    pipelines = engine(ctx)
+    pipelines, versions = engine(ctx), {}
     for one in load_specs(spec):
         info = pipelines.create(spec, spec=one)
+        versions[info["name"]] = info["version"]
         console.print(f"created pipeline {info['name']} (output repo {info['name']})")
         if info["ignored"]:
             console.print(f"note: cluster-only, ignored here: {', '.join(info['ignored'])}")
     if wait:
-        run_and_report(ctx)
+        run_and_report(ctx, versions=versions)
 
 
 @pipeline_app.command("update")
@@ -390,12 +408,13 @@ def pipeline_update(
 ) -> None:
     """Update each pipeline of the file. A changed transform or changed code files make a new
     version whose datums run again; otherwise only new or changed datums run."""
-    pipelines = engine(ctx)
+    pipelines, versions = engine(ctx), {}
     for one in load_specs(spec):
         info = pipelines.create(spec, update=True, reprocess=reprocess, spec=one)
+        versions[info["name"]] = info["version"]
         console.print(f"updated pipeline {info['name']} to version {info['version']}")
     if wait:
-        run_and_report(ctx)
+        run_and_report(ctx, versions=versions)
 
 
 @pipeline_app.command("list")
@@ -486,6 +505,17 @@ def job_inspect(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="J
         console.print(f"output {job.pipeline}@{job.output_commit}")
     if job.error:
         console.print(f"[red]error:[/] {job.error}", highlight=False)
+
+
+@job_app.command("wait")
+def job_wait(
+    ctx: typer.Context,
+    refs: List[str] = typer.Argument(..., metavar="REF...", help="Commits, e.g. raw@master."),
+) -> None:
+    """Wait for every job the commits triggered, downstream included, whoever runs them (due
+    ones run here); print each job's outcome and exit 1 if one failed (for CI)."""
+    data = repos(ctx)
+    run_and_report(ctx, commits=[data.resolve(ref).id for ref in refs])
 
 
 @job_app.command("logs")

@@ -411,7 +411,16 @@ class PipelineBackend(ABC):
 
     @abstractmethod
     def run_pending(self, progress: Callable[[str], None] | None = None) -> list[Job]:
-        """Run every due job here, following the chain downstream; returns the jobs run."""
+        """Run every due job here, following the chain downstream, and wait for those another
+        process (the worker) runs; returns the jobs run here."""
+
+    @abstractmethod
+    def triggered_by(
+        self, commits: list[str] = (), versions: Mapping[str, int] | None = None
+    ) -> list[Job]:
+        """The jobs that read one of `commits` (commit ids), or ran a version of a pipeline in
+        `versions` ({pipeline: version}), and every job downstream of them, whoever ran them;
+        oldest first."""
 
     @abstractmethod
     def jobs(self, pipeline: str | None = None, limit: int = 20) -> list[Job]:

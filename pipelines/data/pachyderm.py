@@ -478,6 +478,11 @@ class PachydermPipelines(_Pachd, PipelineBackend):
             "follow them with 'pachctl list job'",
         )
 
+    def triggered_by(
+        self, commits: list[str] = (), versions: Mapping[str, int] | None = None
+    ) -> list[Job]:
+        raise _unsupported("job wait")
+
     def jobs(self, pipeline: str | None = None, limit: int = 20) -> list[Job]:
         raise _unsupported("job list")
 

@@ -663,6 +663,33 @@ def test_cli(shared_stack, repos, source, tmp_path):
     assert os.path.exists(spec)
 
 
+def test_wait_reports_every_triggered_job_whoever_ran_it(shared_stack, engine, repos, tmp_path):
+    """`put --wait` and `cdl data job wait` report each job the commit triggered, downstream
+    included, and exit 1 naming a failed one, also when the worker ran it, not the command."""
+    folder = shared_stack.settings.root
+    source, upper, broken = uid("src"), uid("upper"), uid("broken")
+    repos.create_repo(source)
+    engine.create(write_spec(tmp_path, simple_spec(upper, source)))
+    failing = {**simple_spec(broken, upper), "transform": {"cmd": ["sh", "-c", "exit 3"]}}
+    engine.create(write_spec(tmp_path, {**failing, "datum_tries": 1}))
+    commit = put(repos, source, tmp_path / "one", {"a.txt": b"a"})
+    engine.run_pending()  # as the stack's worker would: the command runs nothing itself
+    waited = cdl("data", "job", "wait", f"{source}@{commit.id}", cwd=folder)
+    assert waited.returncode == 1
+    assert f"of {upper}: success" in waited.stdout and f"of {broken}: failure" in waited.stdout
+    [failed] = [j for j in engine.jobs(broken)]
+    assert f"job {failed.id[:12]} of pipeline {broken} failed" in waited.stderr
+    assert f"cdl data job logs {failed.id[:12]} --failed" in waited.stderr
+    src = tmp_path / "two"
+    src.mkdir()
+    (src / "b.txt").write_text("b")
+    put_wait = cdl("data", "put", source, str(src), "--wait", cwd=folder)  # the worker races it
+    assert put_wait.returncode == 1, put_wait.stdout
+    assert f"of pipeline {broken} failed" in put_wait.stderr
+    for name in (broken, upper):
+        engine.delete(name)
+
+
 # -- datum batching --------------------------------------------------------------------------
 
 # A batching transform: started once per worker, one call of `step` per datum. Each call notes
