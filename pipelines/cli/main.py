@@ -17,7 +17,8 @@ from pipelines.cli import label as label_cli
 from pipelines.cli import lineage as lineage_cli
 from pipelines.cli import stack as stack_cli
 from pipelines.cli.context import CLIContext, err_console
-from pipelines.core.errors import CDLError
+from pipelines.core import db
+from pipelines.core.errors import CDLError, Unavailable
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -71,7 +72,14 @@ def main(
 
 def run() -> None:
     try:
-        app()  # exits by itself; usage errors are reported by typer with exit code 2
+        try:
+            app()  # exits by itself; usage errors are reported by typer with exit code 2
+        except db.CONNECTION_LOST as exc:  # Postgres went away in the middle of the command
+            raise Unavailable(
+                f"lost the connection to the platform database: {db.first_line(exc)}",
+                "check 'cdl stack status', run 'cdl stack up' if it is down, then run the "
+                "command again (what it left unfinished is not committed)",
+            ) from exc
     except CDLError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)

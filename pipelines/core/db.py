@@ -15,6 +15,13 @@ from psycopg.rows import class_row
 
 T = TypeVar("T")
 
+# What psycopg raises when the server goes away under a connection, or refuses a new one.
+CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
 
 def try_lock(conn: psycopg.Connection, name: str) -> bool:
     """Take the session lock `name` if nobody holds it; release it with `unlock`."""

@@ -780,10 +780,14 @@ class PipelineEngine(PipelineBackend):
             timers.join(timeout=30)
 
     def _serve_jobs(self, stop: threading.Event, say: Callable[[str], None]) -> None:
+        """Until `stop`: a lost or refused connection (Postgres restarting) is retried with
+        backoff, 1 s doubling to 30 s, and the worker goes on once it answers again."""
+        backoff = 1.0
         while not stop.is_set():
             try:
                 with self.stack.connect(autocommit=True) as conn:
                     conn.execute(f"LISTEN {events.CHANNEL}")
+                    backoff = 1.0
                     while not stop.is_set():
                         for job in self.run_pending(say):
                             say(
@@ -792,9 +796,10 @@ class PipelineEngine(PipelineBackend):
                             )
                         for _ in conn.notifies(timeout=POLL_S, stop_after=1):
                             pass
-            except psycopg.OperationalError as exc:
-                say(f"database connection lost ({exc}); reconnecting")
-                stop.wait(2.0)
+            except (*db.CONNECTION_LOST, Unavailable) as exc:
+                say(f"database connection lost ({db.first_line(exc)}); retrying in {backoff:g} s")
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
 
     def serve_timers(self, stop: threading.Event, say: Callable[[str], None]) -> None:
         """Commit due cron ticks and run spouts until `stop` is set; spouts stop with it."""

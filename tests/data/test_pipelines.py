@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -688,6 +689,30 @@ def test_wait_reports_every_triggered_job_whoever_ran_it(shared_stack, engine, r
     assert f"of pipeline {broken} failed" in put_wait.stderr
     for name in (broken, upper):
         engine.delete(name)
+
+
+def test_worker_outlives_a_postgres_restart(project_factory, tmp_path):
+    """The postmaster killed under the stack's pipeline worker: the worker keeps retrying, and
+    once `cdl stack up` has Postgres back, the same worker process runs the next job."""
+    stack = project_factory()
+    stack.up()
+    worker = stack.supervisor.pid("pipelines")
+    os.kill(stack.postgres.running_pid(), signal.SIGKILL)
+    time.sleep(4)  # the worker's reconnects are refused meanwhile
+    assert stack.supervisor.pid("pipelines") == worker
+    stack.up()
+    assert stack.supervisor.pid("pipelines") == worker  # not restarted: it lived through it
+    engine, repos = PipelineEngine(stack), DataRepos(stack)
+    repos.create_repo("in")
+    engine.create(write_spec(tmp_path, simple_spec("up", "in")))
+    put(repos, "in", tmp_path, {"x.txt": b"x"})
+    deadline = time.monotonic() + 60
+    while not engine.jobs("up") or engine.jobs("up")[0].state == "running":
+        assert time.monotonic() < deadline, "the worker ran no job after the restart"
+        time.sleep(0.5)
+    assert engine.jobs("up")[0].state == "success"
+    log = (stack.settings.home / "logs" / "pipelines.log").read_text()
+    assert "database connection lost" in log
 
 
 # -- datum batching --------------------------------------------------------------------------

@@ -382,3 +382,36 @@ def test_clean_removes_temporary_objects_of_dead_writers_only(repos, repo):
     cleaned = repos.clean(repo)
     assert cleaned.objects >= 1 and not left.exists() and writing.exists()
     writing.unlink()
+
+
+def test_put_whose_connection_drops_is_a_one_line_error(shared_stack, repos, repo, tmp_path):
+    """Postgres dropping a command's connection in the middle (here: while `put` waits for the
+    branch) is the one-line error with a fix, not a traceback, and nothing is committed."""
+    src = tree(tmp_path / "src", {"a.txt": b"a"})
+    with shared_stack.connect(autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext(%s))", [f"cdl.data.branch:{repo}@master"])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli.main", "data", "put", repo, str(src)],
+            cwd=shared_stack.settings.root,
+            env={k: v for k, v in os.environ.items() if not k.startswith("CDL_")},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:  # the put waits for the branch lock: end its session from the server side
+            ended = holder.execute(
+                """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                   WHERE wait_event_type = 'Lock' AND query LIKE '%pg_advisory_lock%'
+                     AND pid <> pg_backend_pid()"""
+            ).fetchall()
+            if ended:
+                break
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 1
+    waiting, line = [line for line in stderr.splitlines() if line.strip()]
+    assert waiting == f"waiting for another commit to {repo}"
+    assert line.startswith("error: lost the connection to the platform database")
+    assert "(fix: check 'cdl stack status'" in line and "Traceback" not in stderr
+    assert [c for c in repos.log(repo) if c.state == "finished"] == []
