@@ -114,6 +114,13 @@ class DataConfig(_Strict):
         "local", description="local: repos in Postgres + object store; pachyderm: a pachd"
     )
     pachd_address: str = Field("grpc://localhost:30650", description="with engine: pachyderm")
+    datum_timeout: str = Field(
+        "1h",
+        pattern=r"^(\d+(\.\d+)?(ms|h|m|s))+$",
+        description="local engine: how long a datum may run when its spec sets no "
+        "datum_timeout (a Go duration: 30s, 5m, 1h30m), so that one hung datum cannot hold "
+        "its pipeline for ever",
+    )
 
 
 class TrackingConfig(_Strict):

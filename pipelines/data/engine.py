@@ -268,6 +268,9 @@ class PipelineEngine(PipelineBackend):
         spec = parse_spec(row["spec"], f"pipeline {name}")
         if spec.spout is not None:
             return None  # a spout has no jobs: the worker runs it (Spouts)
+        if spec.datum_timeout is None:  # the stack's default bounds a hung datum
+            default = self.stack.settings.stack.data.datum_timeout
+            spec = spec.model_copy(update={"datum_timeout": default})
         heads = self._heads(conn, spec)
         if heads is None:
             return None
