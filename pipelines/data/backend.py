@@ -146,6 +146,20 @@ class ScanResult:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (source, reason)
 
 
+def files_to_put(target: Ref, sources: list[Path], dest: str = "/") -> ScanResult:
+    """What a put of `sources` to the branch `target` stores (see `scan_sources`); `Invalid` when
+    the target is not a branch or nothing is left to store."""
+    if target.parents or target.path:
+        raise Invalid(f"put needs REPO@BRANCH, got '{target}'", "drop the ^ and :path parts")
+    scan = scan_sources(sources, dest)
+    if not scan.files:
+        raise Invalid(
+            f"nothing to put: {', '.join(map(str, sources))} holds no regular files",
+            "check the paths (empty folders are not stored)",
+        )
+    return scan
+
+
 def scan_sources(sources: list[Path], dest: str = "/") -> ScanResult:
     """What `put` would store: a file goes to DEST/its name, a folder's contents under DEST.
 
@@ -321,12 +335,23 @@ class DataBackend(ABC):
         """One commit of in-memory files: with `carry_parent` the parent's files stay unless
         written or in `deletes`; without, the commit holds exactly `files`."""
 
-    @abstractmethod
     def delete(
         self, target: Ref, paths: list[str], message: str = "", author: str | None = None
     ) -> Commit:
         """A new commit on the branch without the given files or folders (`NotFound` if one
-        matches nothing; then nothing is committed)."""
+        matches nothing; then nothing is committed). (Shared by the backends: it finds the
+        files through `files` and commits through `write`.)"""
+        head = self.resolve(Ref(target.repo, target.name))
+        doomed: list[str] = []
+        for path in paths:
+            found = [entry.path for entry in self.files(head, path)]
+            if not found:
+                raise NotFound(
+                    f"{head.ref} has no file or folder {normalize_path(path)}", "see 'cdl data ls'"
+                )
+            doomed += found
+        branch = target.name or DEFAULT_BRANCH
+        return self.write(target.repo, {}, doomed, message=message, author=author, branch=branch)
 
     @abstractmethod
     def clean(self, repo: str) -> Cleaned:

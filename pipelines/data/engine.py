@@ -642,38 +642,23 @@ class PipelineEngine(PipelineBackend):
         self, commits: list[str] = (), versions: Mapping[str, int] | None = None
     ) -> list[Job]:
         versions = versions or {}
-        found: dict[str, Job] = {}
         with self.stack.connect() as conn:
-            frontier = db.fetch_all(
+            return db.fetch_all(
                 conn,
                 Job,
-                """SELECT * FROM pipeline_jobs j
-                   WHERE EXISTS (SELECT 1 FROM jsonb_each_text(j.input_commits) i
-                                 WHERE i.value = ANY(%(commits)s))
-                      OR (j.pipeline, j.pipeline_version) IN
-                         (SELECT * FROM unnest(%(names)s::text[], %(numbers)s::int[]))""",
-                {
-                    "commits": list(commits),
-                    "names": list(versions),
-                    "numbers": [*versions.values()],
-                },
+                """WITH RECURSIVE triggered AS (
+                       SELECT j.* FROM pipeline_jobs j
+                       WHERE EXISTS (SELECT 1 FROM jsonb_each_text(j.input_commits) i
+                                     WHERE i.value = ANY(%(commits)s))
+                          OR (j.pipeline, j.pipeline_version) IN
+                             (SELECT * FROM unnest(%(names)s::text[], %(numbers)s::int[]))
+                       UNION
+                       SELECT j.* FROM pipeline_jobs j JOIN triggered t
+                         ON EXISTS (SELECT 1 FROM jsonb_each_text(j.input_commits) i
+                                    WHERE i.value = t.output_commit))
+                   SELECT * FROM triggered ORDER BY started_at""",
+                {"commits": list(commits), "names": [*versions], "numbers": [*versions.values()]},
             )
-            while frontier:
-                found.update({job.id: job for job in frontier})
-                outputs = [job.output_commit for job in frontier if job.output_commit]
-                frontier = [
-                    job
-                    for job in db.fetch_all(
-                        conn,
-                        Job,
-                        """SELECT * FROM pipeline_jobs j
-                           WHERE EXISTS (SELECT 1 FROM jsonb_each_text(j.input_commits) i
-                                         WHERE i.value = ANY(%s))""",
-                        [outputs],
-                    )
-                    if job.id not in found
-                ]
-        return sorted(found.values(), key=lambda job: job.started_at)
 
     def job(self, job_id: str) -> Job:
         with self.stack.connect() as conn:

@@ -40,8 +40,8 @@ from pipelines.data.backend import (
     Ref,
     RepoInfo,
     ScanResult,
+    files_to_put,
     normalize_path,
-    scan_sources,
 )
 from pipelines.data.schedule import parse_duration
 from pipelines.data.spec import PipelineSpec, load_spec
@@ -316,14 +316,7 @@ class PachydermRepos(_Pachd, DataBackend):
         progress: Progress | None = None,
         on_wait: Callable[[], None] | None = None,
     ) -> tuple[Commit, ScanResult]:
-        if target.parents or target.path:
-            raise Invalid(f"put needs REPO@BRANCH, got '{target}'", "drop the ^ and :path parts")
-        scan = scan_sources(sources, dest)
-        if not scan.files:
-            raise Invalid(
-                f"nothing to put: {', '.join(map(str, sources))} holds no regular files",
-                "check the paths (empty folders are not stored)",
-            )
+        scan = files_to_put(target, sources, dest)
         total = sum(os.lstat(source).st_size for source, _ in scan.files)
 
         def upload(commit) -> None:
@@ -367,19 +360,6 @@ class PachydermRepos(_Pachd, DataBackend):
                 commit.put_file_from_bytes(path=normalize_path(path), data=data)
 
         return self._commit_with(repo, branch, message, fill)
-
-    def delete(
-        self, target: Ref, paths: list[str], message: str = "", author: str | None = None
-    ) -> Commit:
-        head = self.resolve(Ref(target.repo, target.name))
-        for path in paths:
-            if next(self.files(head, path), None) is None:
-                raise NotFound(
-                    f"{head.ref} has no file or folder {normalize_path(path)}", "see 'cdl data ls'"
-                )
-        return self.write(
-            target.repo, {}, deletes=paths, message=message, branch=target.name or DEFAULT_BRANCH
-        )
 
     def clean(self, repo: str) -> Cleaned:
         raise _unsupported("clean")

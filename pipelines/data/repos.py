@@ -44,8 +44,8 @@ from pipelines.data.backend import (
     RepoInfo,
     ScanResult,
     default_author,
+    files_to_put,
     normalize_path,
-    scan_sources,
 )
 
 COPY_BATCH = 5000
@@ -447,14 +447,7 @@ class DataRepos(DataBackend):
     ) -> tuple[Commit, ScanResult]:
         """Store files and folders in a new commit on `target` (a branch); return it and the scan
         (what was skipped and why)."""
-        if target.parents or target.path:
-            raise Invalid(f"put needs REPO@BRANCH, got '{target}'", "drop the ^ and :path parts")
-        scan = scan_sources(sources, dest)
-        if not scan.files:
-            raise Invalid(
-                f"nothing to put: {', '.join(map(str, sources))} holds no regular files",
-                "check the paths (empty folders are not stored)",
-            )
+        scan = files_to_put(target, sources, dest)
         with self.writer(
             target.repo, target.name or DEFAULT_BRANCH, message, author, on_wait=on_wait
         ) as writer:
@@ -482,25 +475,6 @@ class DataRepos(DataBackend):
                 writer.delete(path)
             for path, data in files.items():
                 writer.add_object(path, *self.store.put_bytes(data))
-        return writer.commit
-
-    def delete(
-        self, target: Ref, paths: list[str], message: str = "", author: str | None = None
-    ) -> Commit:
-        """A new commit on `target` without the given files (or everything under the given
-        folders); a path that matches nothing is an error and nothing is committed."""
-        head = self.resolve(Ref(target.repo, target.name))
-        doomed: list[str] = []
-        for path in paths:
-            found = [entry.path for entry in self.files(head, path)]
-            if not found:
-                raise NotFound(
-                    f"{head.ref} has no file or folder {normalize_path(path)}", "see 'cdl data ls'"
-                )
-            doomed += found
-        with self.writer(target.repo, target.name or DEFAULT_BRANCH, message, author) as writer:
-            for path in doomed:
-                writer.delete(path)
         return writer.commit
 
     # -- reading ---------------------------------------------------------------------------
