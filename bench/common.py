@@ -10,7 +10,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import psutil
 
@@ -19,6 +19,9 @@ sys.path.insert(0, str(REPO))
 
 from pipelines.core.config import load_settings  # noqa: E402
 from pipelines.core.stack import Stack  # noqa: E402
+
+if TYPE_CHECKING:
+    from pipelines.data.labeling.service import Labeling
 
 
 @contextmanager
@@ -35,6 +38,31 @@ def throwaway_stack() -> Iterator[Stack]:
     finally:
         stack.down()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def labeling_stack(docs: int) -> Iterator[tuple[Stack, "Labeling"]]:
+    """A throwaway stack with Label Studio and `docs` generated BBC-like articles committed as
+    the validated data (bbc-validate:/valid), and the BBC news labeling on it. No webhook
+    receiver: exports run only when the benchmark runs them."""
+    from pipelines.data import bbc
+    from pipelines.data.labeling.service import Labeling
+    from pipelines.data.labeling.spec import use_case
+    from pipelines.data.labeling.webhooks import WEBHOOK_SERVICE
+    from pipelines.data.repos import DataRepos, Ref
+
+    work = Path(tempfile.mkdtemp(prefix="cdl-bench-label-"))
+    try:
+        bbc.generate(work / "valid", docs, seed=4, dirty=False)
+        with throwaway_stack() as stack:
+            stack.up(["label-studio"])
+            stack.supervisor.stop(WEBHOOK_SERVICE)
+            repos = DataRepos(stack)
+            repos.create_repo("bbc-validate")
+            repos.put(Ref.parse("bbc-validate"), [work / "valid"], dest="/valid")
+            yield stack, Labeling(stack, use_case("bbc_news"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def cdl(stack: Stack, *args: str) -> tuple[float, int]:

@@ -12,19 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
-from common import cdl, throwaway_stack
+from common import cdl, labeling_stack
 
-from pipelines.data import bbc
 from pipelines.data.labeling.rows import class_of
-from pipelines.data.labeling.service import Labeling
-from pipelines.data.labeling.spec import use_case
-from pipelines.data.labeling.webhooks import WEBHOOK_SERVICE
-from pipelines.data.repos import DataRepos, Ref
 
 AUTO_TARGET_S = 30
 
@@ -34,30 +26,19 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=2225)
     parser.add_argument("--baseline-tasks", type=int, default=150)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="cdl-bench-label-auto-"))
-    try:
-        bbc.generate(work / "valid", args.docs, seed=4, dirty=False)
-        with throwaway_stack() as stack:
-            stack.up(["label-studio"])
-            stack.supervisor.stop(WEBHOOK_SERVICE)  # no webhook receiver: exports only here
-            repos = DataRepos(stack)
-            repos.create_repo("bbc-validate")
-            repos.put(Ref.parse("bbc-validate"), [work / "valid"], dest="/valid")
-            labeling = Labeling(stack, use_case("bbc_news"))
-            labeling.sync()
-            tasks = labeling.store.tasks()
-            # The old way, one request per task, on the first tasks.
-            subset = tasks[: args.baseline_tasks]
-            start = time.perf_counter()
-            for task_id, path in subset:
-                labeling.annotate(task_id, class_of(path, "/valid"))
-            loop_s = time.perf_counter() - start
-            # `cdl label auto` answers the rest in bulk.
-            auto_s, _ = cdl(stack, "label", "auto", "bbc_news")
-            bulk = len(tasks) - len(subset)
-            result = labeling.export()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with labeling_stack(args.docs) as (stack, labeling):
+        labeling.sync()
+        tasks = labeling.store.tasks()
+        # The old way, one request per task, on the first tasks.
+        subset = tasks[: args.baseline_tasks]
+        start = time.perf_counter()
+        for task_id, path in subset:
+            labeling.annotate(task_id, class_of(path, "/valid"))
+        loop_s = time.perf_counter() - start
+        # `cdl label auto` answers the rest in bulk.
+        auto_s, _ = cdl(stack, "label", "auto", "bbc_news")
+        bulk = len(tasks) - len(subset)
+        result = labeling.export()
     loop_all_s = loop_s / len(subset) * len(tasks)
     auto_all_s = auto_s / bulk * len(tasks)  # start-up scaled too: an overestimate
     figures = {

@@ -13,19 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from common import cdl, throwaway_stack
+from common import cdl, labeling_stack
 
-from pipelines.data import bbc
 from pipelines.data.labeling.rows import class_of
-from pipelines.data.labeling.service import Labeling
-from pipelines.data.labeling.spec import use_case
-from pipelines.data.labeling.webhooks import WEBHOOK_SERVICE
-from pipelines.data.repos import DataRepos, Ref
 
 SYNC_TARGET_S = 30
 EXPORT_TARGET_S = 10
@@ -35,27 +27,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=2225)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="cdl-bench-label-"))
-    try:
-        bbc.generate(work / "valid", args.docs, seed=4, dirty=False)
-        with throwaway_stack() as stack:
-            stack.up(["label-studio"])
-            stack.supervisor.stop(WEBHOOK_SERVICE)  # no webhook receiver: exports only here
-            repos = DataRepos(stack)
-            repos.create_repo("bbc-validate")
-            repos.put(Ref.parse("bbc-validate"), [work / "valid"], dest="/valid")
-            labeling = Labeling(stack, use_case("bbc_news"))
-            labeling.project()  # created before the clock starts, as in a running project
-            sync_s, _ = cdl(stack, "label", "sync", "bbc_news")
-            with stack.connect() as conn:
-                tasks = conn.execute("SELECT task_id, path FROM label_tasks").fetchall()
-            with ThreadPoolExecutor(4) as pool:
-                list(pool.map(lambda t: labeling.annotate(t[0], class_of(t[1], "/valid")), tasks))
-            export_s, _ = cdl(stack, "label", "export", "bbc_news")
-            with stack.connect() as conn:
-                loaded = conn.execute("SELECT count(*) FROM labels_current").fetchone()[0]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with labeling_stack(args.docs) as (stack, labeling):
+        labeling.project()  # created before the clock starts, as in a running project
+        sync_s, _ = cdl(stack, "label", "sync", "bbc_news")
+        with stack.connect() as conn:
+            tasks = conn.execute("SELECT task_id, path FROM label_tasks").fetchall()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda t: labeling.annotate(t[0], class_of(t[1], "/valid")), tasks))
+        export_s, _ = cdl(stack, "label", "export", "bbc_news")
+        with stack.connect() as conn:
+            loaded = conn.execute("SELECT count(*) FROM labels_current").fetchone()[0]
     figures = {
         "tasks": len(tasks),
         "sync_s": round(sync_s, 2),

@@ -157,7 +157,7 @@ def snapshot_create(
 def snapshot_list(ctx: typer.Context, name: str = USE_CASE) -> None:
     """List a use case's snapshots, newest first, with their label counts."""
     table = Table("snapshot", "labels", "created", title=name)
-    for found in labeling(ctx, name).store.snapshots():
+    for found in labeling(ctx, name).snapshots():
         created = found["created_at"].astimezone().strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(found["name"], str(found["rows"]), created)
     console.print(table)

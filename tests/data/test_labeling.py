@@ -323,8 +323,9 @@ def test_task_whose_file_left_the_dataset(lab):
     assert any("is no longer in bbc-validate@master" in p for p in result.problems)
 
 
-def test_export_is_all_or_nothing(quiet_lab, monkeypatch):
-    stack, labeling, _ = quiet_lab
+def annotated_with_an_empty_store(stack, labeling) -> None:
+    """Every task annotated in Label Studio, and the label store emptied of its rows and splits,
+    so that the next export loads everything."""
     labeling.sync()
     labeling.auto_annotate()
     labeling.export()
@@ -332,6 +333,11 @@ def test_export_is_all_or_nothing(quiet_lab, monkeypatch):
         conn.execute("DELETE FROM label_rows WHERE use_case = 'bbc_news' AND version > 0")
         conn.execute("DELETE FROM label_splits WHERE use_case = 'bbc_news'")
         conn.commit()
+
+
+def test_export_is_all_or_nothing(quiet_lab, monkeypatch):
+    stack, labeling, _ = quiet_lab
+    annotated_with_an_empty_store(stack, labeling)
     real_rows = Labeling._rows
 
     def rows_with_a_broken_last_one(self, *args):
@@ -352,13 +358,7 @@ def test_export_killed_halfway_loads_nothing(quiet_lab):
     """A `cdl label export` SIGKILLed while its load is inside the database leaves no rows and
     no splits behind; the next export loads everything."""
     stack, labeling, _ = quiet_lab
-    labeling.sync()
-    labeling.auto_annotate()
-    labeling.export()
-    with stack.connect() as conn:
-        conn.execute("DELETE FROM label_rows WHERE use_case = 'bbc_news' AND version > 0")
-        conn.execute("DELETE FROM label_splits WHERE use_case = 'bbc_news'")
-        conn.commit()
+    annotated_with_an_empty_store(stack, labeling)
     with stack.connect() as blocker:
         # The export's insert into the train table waits here, its transaction open.
         blocker.execute("LOCK TABLE label_rows_bbc_news_train IN SHARE MODE")

@@ -298,5 +298,8 @@ class Labeling:
             )
         return self.store.snapshot(name)
 
+    def snapshots(self) -> list[dict]:
+        return self.store.snapshots()
+
     def snapshot_rows(self, name: str, split: str | None = None) -> list[dict]:
         return self.store.snapshot_rows(name, split)
