@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from pipelines.core.durations import parse_duration
 from pipelines.core.errors import ConfigError
 from pipelines.plugins import engines
 
@@ -116,11 +124,16 @@ class DataConfig(_Strict):
     pachd_address: str = Field("grpc://localhost:30650", description="with engine: pachyderm")
     datum_timeout: str = Field(
         "1h",
-        pattern=r"^(\d+(\.\d+)?(ms|h|m|s))+$",
         description="local engine: how long a datum may run when its spec sets no "
         "datum_timeout (a Go duration: 30s, 5m, 1h30m), so that one hung datum cannot hold "
         "its pipeline for ever",
     )
+
+    @field_validator("datum_timeout")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
 
 
 class TrackingConfig(_Strict):

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipelines.core.durations import parse_duration
 from pipelines.core.errors import Invalid
 from pipelines.data.batching import SOCKET_ENV
 from pipelines.data.datums import Datum
-from pipelines.data.schedule import parse_duration
 from pipelines.data.spec import PipelineSpec
 from pipelines.data.transform import DatumResult, datum_env, exit_error, tail
 

@@ -58,6 +58,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pipelines.core import db, events, lineage
+from pipelines.core.durations import parse_duration
 from pipelines.core.errors import (
     AlreadyExists,
     CDLError,
@@ -71,7 +72,7 @@ from pipelines.data.backend import DEFAULT_BRANCH, Commit, FileEntry, Job, Pipel
 from pipelines.data.batches import BatchWorker
 from pipelines.data.datums import Datum, datums
 from pipelines.data.repos import DataRepos
-from pipelines.data.schedule import parse_cron, parse_duration
+from pipelines.data.schedule import parse_cron
 from pipelines.data.spec import CronInput, PipelineSpec, load_spec, parse_spec
 from pipelines.data.spouts import Spouts
 from pipelines.data.transform import (

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Mapping
 
+from pipelines.core.durations import parse_duration
 from pipelines.core.errors import (
     AlreadyExists,
     Invalid,
@@ -43,7 +44,6 @@ from pipelines.data.backend import (
     files_to_put,
     normalize_path,
 )
-from pipelines.data.schedule import parse_duration
 from pipelines.data.spec import PipelineSpec, load_spec
 
 # Fields whose local defaults differ from protobuf's zero values: sent explicitly.

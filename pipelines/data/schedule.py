@@ -1,4 +1,4 @@
-"""Time in pipeline specs: Go durations ('30s', '1h30m') and cron schedules as pachd reads them.
+"""Cron schedules in pipeline specs, as pachd reads them.
 
 A cron input's `spec` is parsed as robfig/cron's standard parser does: five fields (minute, hour,
 day of month, month, day of week) with `*`, `?`, lists, ranges, steps and JAN-DEC / SUN-SAT
@@ -9,10 +9,11 @@ As in cron, when both day fields are restricted a day matching either one is due
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pipelines.core.durations import parse_duration
 
 DESCRIPTORS = {
     "@yearly": "0 0 1 1 *",
@@ -33,15 +34,6 @@ FIELDS = (
     ("month", 1, 12, MONTHS),
     ("day of week", 0, 6, DAYS),
 )
-
-
-def parse_duration(text: str) -> float:
-    """A Go duration ('1h30m', '45s', '500ms') in seconds."""
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"duration {text!r} is not like '30s', '5m' or '1h30m'")
-    scale = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
-    return sum(float(n) * scale[u] for n, u in parts)
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from pipelines.core.durations import parse_duration
 from pipelines.core.errors import Invalid
-from pipelines.data.schedule import parse_cron, parse_duration
+from pipelines.data.schedule import parse_cron
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,63}$")
 INPUT_KINDS = ("pfs", "cross", "union", "join", "group", "cron")
