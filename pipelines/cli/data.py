@@ -407,11 +407,13 @@ def pipeline_update(
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
     """Update each pipeline of the file. A changed transform or changed code files make a new
-    version whose datums run again; otherwise only new or changed datums run."""
+    version whose datums run again; otherwise only new or changed datums run. A running job of
+    the old version is stopped first."""
     pipelines, versions = engine(ctx), {}
     for one in load_specs(spec):
         info = pipelines.create(spec, update=True, reprocess=reprocess, spec=one)
         versions[info["name"]] = info["version"]
+        print_stopped(info["stopped"])
         console.print(f"updated pipeline {info['name']} to version {info['version']}")
     if wait:
         run_and_report(ctx, versions=versions)
@@ -458,11 +460,17 @@ def pipeline_delete(
     keep_repo: bool = typer.Option(False, "--keep-repo", help="Keep its output repo."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
-    """Delete a pipeline, its jobs and (unless --keep-repo) its output repo."""
+    """Delete a pipeline, its jobs and (unless --keep-repo) its output repo. Its running job is
+    stopped first."""
     if not yes and not typer.confirm(f"delete pipeline {name}?"):
         raise typer.Abort()
-    engine(ctx).delete(name, keep_repo)
+    print_stopped(engine(ctx).delete(name, keep_repo))
     console.print(f"deleted pipeline {name}")
+
+
+def print_stopped(jobs) -> None:
+    for job in jobs:
+        console.print(f"stopped job {job.id[:12]} of {job.pipeline}: {job.error}", highlight=False)
 
 
 def print_jobs(jobs) -> None:
@@ -516,6 +524,13 @@ def job_wait(
     ones run here); print each job's outcome and exit 1 if one failed (for CI)."""
     data = repos(ctx)
     run_and_report(ctx, commits=[data.resolve(ref).id for ref in refs])
+
+
+@job_app.command("stop")
+def job_stop(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="JOB")) -> None:
+    """Stop a running job: its transforms are killed, nothing is committed, and it ends
+    'killed'. Its input commits are not run again until a new commit or a pipeline update."""
+    print_stopped([engine(ctx).stop(job_id)])
 
 
 @job_app.command("logs")

@@ -128,6 +128,12 @@ class DataConfig(_Strict):
         "datum_timeout (a Go duration: 30s, 5m, 1h30m), so that one hung datum cannot hold "
         "its pipeline for ever",
     )
+    job_slots: int = Field(
+        4,
+        ge=1,
+        description="local engine: how many jobs (of different pipelines) the worker runs at "
+        "once, so that one slow pipeline cannot hold up the others",
+    )
 
     @field_validator("datum_timeout")
     @classmethod

@@ -178,7 +178,11 @@ class Supervisor:
             time.sleep(0.2)
 
     def stop(self, name: str, timeout_s: float = 15.0) -> bool:
-        """Stop the service and its children; True if something was running."""
+        """Stop the service and everything it started; True if something was running.
+
+        SIGTERM goes to its process group, so that it can stop its work in order; what is left
+        of its session after `timeout_s` (it, or processes it started in groups of their own,
+        such as the pipeline worker's transforms) is killed."""
         pid = self.pid(name)
         if pid is None:
             self._forget(name)
@@ -193,16 +197,28 @@ class Supervisor:
             if child is not None:
                 child.poll()
             time.sleep(0.1)
-        if self._group_alive(pid):
+        for proc in self._session(pid):
             try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                proc.kill()
+            except psutil.Error:
                 pass
         child = self._children.get(name)
         if child is not None:
             child.wait(timeout=5)
         self._forget(name)
         return True
+
+    @staticmethod
+    def _session(sid: int) -> list[psutil.Process]:
+        """The live processes of session `sid` (a service is the leader of its own)."""
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        return found
 
     @staticmethod
     def _group_alive(pgid: int) -> bool:

@@ -5,6 +5,7 @@ services. `cdl stack up|down|status` and every command that needs the database g
 from __future__ import annotations
 
 import fcntl
+import importlib
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,4 +145,9 @@ class Stack:
             svc = self.supervisor.status(name)
             health = {"running": "healthy"}.get(svc.state, svc.state)
             rows.append(ComponentStatus(name, health, svc.address or "-", svc.pid, svc.log))
+        if pg.healthy:  # what the services are doing, from the packages that report it
+            for provider in SERVICE_PROVIDERS:
+                report = getattr(importlib.import_module(provider), "status", None)
+                if report is not None:
+                    rows += report(self)
         return rows

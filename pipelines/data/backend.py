@@ -234,7 +234,7 @@ class Job:
     pipeline_version: int
     version_hash: str
     input_commits: dict
-    state: str  # running | success | failure
+    state: str  # running | success | failure | killed
     output_commit: str | None
     datums_total: int
     datums_processed: int
@@ -419,12 +419,13 @@ class PipelineBackend(ABC):
     ) -> dict:
         """Create (or update) the pipeline of a spec file (or `spec`, one of several in that file:
         the file's folder is where it runs) and its output repo; returns at least {'name',
-        'version', 'ignored'} (fields the backend ignores). `AlreadyExists` / `NotFound` for
-        create / update, `Invalid` spec."""
+        'version', 'ignored'} (fields the backend ignores) and 'stopped' (the running jobs an
+        update stopped). `AlreadyExists` / `NotFound` for create / update, `Invalid` spec."""
 
     @abstractmethod
-    def delete(self, name: str, keep_repo: bool = False) -> None:
-        """The pipeline, its jobs and (unless `keep_repo`) its output repo."""
+    def delete(self, name: str, keep_repo: bool = False) -> list[Job]:
+        """The pipeline, its jobs and (unless `keep_repo`) its output repo; its running job is
+        stopped first. Returns the jobs stopped."""
 
     @abstractmethod
     def list(self) -> list[dict]:
@@ -458,6 +459,10 @@ class PipelineBackend(ABC):
     @abstractmethod
     def job_datums(self, job_id: str, state: str | None = None) -> list[dict]:
         """A job's datums: inputs, state, attempts, seconds, log."""
+
+    @abstractmethod
+    def stop(self, job_id: str) -> Job:
+        """Stop a running job: its datums killed, nothing committed; it ends `killed`."""
 
     @abstractmethod
     def serve(self, stop: threading.Event, say: Callable[[str], None]) -> None:

@@ -5,18 +5,16 @@ socket, each datum mounted at the same `/pfs` folder."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.core.durations import parse_duration
 from pipelines.core.errors import Invalid
+from pipelines.data import processes
 from pipelines.data.batching import SOCKET_ENV
 from pipelines.data.datums import Datum
 from pipelines.data.spec import PipelineSpec
@@ -24,6 +22,7 @@ from pipelines.data.transform import DatumResult, datum_env, exit_error, tail
 
 if TYPE_CHECKING:
     from pipelines.data.engine import PipelineEngine
+    from pipelines.data.processes import JobControl
 
 EXIT_GRACE_S = 5.0  # a batching transform told that no datum is left gets this long to exit
 
@@ -39,10 +38,18 @@ class BatchWorker:
     The output goes to one file; a datum's log is what was written while it was in hand.
     """
 
-    def __init__(self, engine: PipelineEngine, spec: PipelineSpec, workdir: Path, job_id: str):
+    def __init__(
+        self,
+        engine: PipelineEngine,
+        spec: PipelineSpec,
+        workdir: Path,
+        job_id: str,
+        control: JobControl,
+    ):
         self.engine, self.spec, self.workdir, self.job_id = engine, spec, workdir, job_id
+        self.control = control
         self.timeout = parse_duration(spec.datum_timeout) if spec.datum_timeout else None
-        self.root = Path(tempfile.mkdtemp(prefix="cdl-batch-"))
+        self.root = processes.scratch_folder("batch-")
         self.pfs = self.root / "pfs"
         self.pfs.mkdir()
         self.log_path = self.root / "output.log"
@@ -59,7 +66,10 @@ class BatchWorker:
 
     def run(self, datum: Datum) -> DatumResult:
         started = time.monotonic()
+        log, error = "", None
         for attempt in range(1, self.spec.datum_tries + 1):
+            if self.control.stopped:
+                return DatumResult(datum, "failed", attempt - 1, 0.0, log, self.control.reason)
             log, error, outputs = self._attempt(datum)
             if error is None:
                 seconds = time.monotonic() - started
@@ -91,15 +101,10 @@ class BatchWorker:
         stdin = self.root / "stdin"
         stdin.write_text(call.stdin or "")
         with open(self.log_path, "ab") as log, open(stdin, "rb") as src:
-            self.proc = subprocess.Popen(
-                call.argv,
-                cwd=call.cwd,
-                env=call.env,
-                stdin=src,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # to kill what it started too
+            self.proc = processes.start(
+                call.argv, call.env, cwd=call.cwd, stdin=src, stdout=log, stderr=subprocess.STDOUT
             )
+        self.control.track(self.proc)
         self.asked = False
 
     def _wait(self) -> str | None:
@@ -107,6 +112,9 @@ class BatchWorker:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if self.control.stopped:
+                self._kill()
+                return self.control.reason
             if left <= 0:
                 self._kill()
                 return f"timed out after {self.spec.datum_timeout} (datum_timeout)"
@@ -160,11 +168,9 @@ class BatchWorker:
 
     def _kill(self) -> None:
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            processes.kill_group(self.proc)
             self.proc.wait()
+            self.control.untrack(self.proc)
             self.proc = None
         if self.waiting is not None:
             self.waiting.close()

@@ -43,12 +43,10 @@ import json
 import os
 import queue
 import shutil
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -68,6 +66,7 @@ from pipelines.core.errors import (
     Unsupported,
 )
 from pipelines.core.stack import Stack
+from pipelines.data import processes
 from pipelines.data.backend import DEFAULT_BRANCH, Commit, FileEntry, Job, PipelineBackend
 from pipelines.data.batches import BatchWorker
 from pipelines.data.datums import Datum, datums
@@ -84,9 +83,23 @@ from pipelines.data.transform import (
     tail,
 )
 
-POLL_S = 5.0
+POLL_S = 5.0  # how often an idle worker looks for due jobs without being notified
+JOB_POLL_S = 0.5  # how often a busy worker looks for finished and due jobs
+BEAT_S = 1.0  # how often a running job marks itself alive and checks for a stop
+LEASE_S = 30.0  # a running job not marked alive for this long has lost its runner
+STOP_WAIT_S = 60.0  # how long a stop waits for the job's runner to end it
+JOB_COLUMNS = """id, pipeline, pipeline_version, version_hash, input_commits, state, output_commit,
+    datums_total, datums_processed, datums_skipped, datums_failed, error, started_at,
+    finished_at"""  # the fields of Job
 TIMER_S = 1.0  # how often the worker checks cron ticks and spout output
 TICK_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # Go's time.RFC3339 for UTC, as pachd names tick files
+
+# The jobs this process is running, by id: what stops them.
+_ACTIVE: dict[str, processes.JobControl] = {}
+
+
+class _Stopped(Exception):
+    """A job's datums were stopped (see its JobControl for why and what it becomes)."""
 
 
 def code_hash(spec: PipelineSpec, workdir: Path) -> str:
@@ -186,7 +199,15 @@ class PipelineEngine(PipelineBackend):
                        ON CONFLICT DO NOTHING""",
                     [spec.name, leaf.repo, leaf.branch],
                 )
-        return {**self.inspect(spec.name), "ignored": spec.ignored_locally()}
+        stopped = []
+        if existing:
+            version = self.inspect(spec.name)["version"]
+            stopped = self.stop_running(spec.name, f"pipeline updated to version {version}")
+        return {
+            **self.inspect(spec.name),
+            "ignored": spec.ignored_locally(),
+            "stopped": stopped,
+        }
 
     def _row(self, conn: psycopg.Connection, name: str) -> dict:
         with conn.cursor(row_factory=dict_row) as cur:
@@ -218,8 +239,9 @@ class PipelineEngine(PipelineBackend):
                    ORDER BY p.name"""
             ).fetchall()
 
-    def delete(self, name: str, keep_repo: bool = False) -> None:
-        """Delete a pipeline, its output repo and its cron inputs' tick repos (unless kept)."""
+    def delete(self, name: str, keep_repo: bool = False) -> list[Job]:
+        """Delete a pipeline, its output repo and its cron inputs' tick repos (unless kept).
+        Its running job is stopped first; returns it."""
         with self.stack.connect() as conn:
             crons = parse_spec(self._row(conn, name)["spec"], f"pipeline {name}").crons()
             readers = [
@@ -233,9 +255,10 @@ class PipelineEngine(PipelineBackend):
                     f"pipelines {', '.join(readers)} read the output of '{name}'",
                     "delete them first, or pass --keep-repo",
                 )
-            with conn.transaction():
-                db.transaction_lock(conn, self._lock_key(name))
-                conn.execute("DELETE FROM pipelines WHERE name = %s", [name])
+        stopped = self.stop_running(name, f"pipeline {name} was deleted")
+        with self.stack.connect() as conn, conn.transaction():
+            db.transaction_lock(conn, self._lock_key(name))
+            conn.execute("DELETE FROM pipelines WHERE name = %s", [name])
         if not keep_repo:
             self.repos.delete_repo(name)
             for cron in crons:
@@ -245,6 +268,7 @@ class PipelineEngine(PipelineBackend):
                     ).fetchone()
                 if not read:
                     self.repos.delete_repo(cron.repo)
+        return stopped
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -269,9 +293,7 @@ class PipelineEngine(PipelineBackend):
         spec = parse_spec(row["spec"], f"pipeline {name}")
         if spec.spout is not None:
             return None  # a spout has no jobs: the worker runs it (Spouts)
-        if spec.datum_timeout is None:  # the stack's default bounds a hung datum
-            default = self.stack.settings.stack.data.datum_timeout
-            spec = spec.model_copy(update={"datum_timeout": default})
+        spec = self._effective(spec)
         heads = self._heads(conn, spec)
         if heads is None:
             return None
@@ -285,6 +307,14 @@ class PipelineEngine(PipelineBackend):
         if done:
             return None
         return spec, row, heads, input_commits, version_hash
+
+    def _effective(self, spec: PipelineSpec) -> PipelineSpec:
+        """The spec as it runs here: without its own datum_timeout, the stack's default bounds a
+        hung datum."""
+        if spec.datum_timeout is not None:
+            return spec
+        default = self.stack.settings.stack.data.datum_timeout
+        return spec.model_copy(update={"datum_timeout": default})
 
     def pending(self) -> list[str]:
         with self.stack.connect() as conn:
@@ -319,78 +349,116 @@ class PipelineEngine(PipelineBackend):
                 time.sleep(0.3)
 
     def run_job(self, name: str, progress: Callable[[str], None] | None = None) -> Job | None:
-        """Run one job of `name` if one is due and nobody else is running it."""
+        """Run one job of `name` if one is due and nobody else is running it: a job whose runner
+        is gone is resumed first."""
         with (
             self.stack.connect(autocommit=True) as conn,
             db.advisory_lock(conn, self._lock_key(name), wait=False) as held,
         ):
             if not held:
                 return None
-            # A 'running' job we can lock was left by a process that died.
-            conn.execute(
-                """UPDATE pipeline_jobs SET state = 'failure', finished_at = now(),
-                          error = 'interrupted: the process running it stopped'
-                   WHERE pipeline = %s AND state = 'running'""",
-                [name],
-            )
+            # A 'running' job whose lock we got has no live session behind it.
+            left = conn.execute(
+                """SELECT id, pipeline_version, input_commits, version_hash, runner,
+                          stop_requested, now() - heartbeat_at > %s * interval '1 second'
+                   FROM pipeline_jobs WHERE pipeline = %s AND state = 'running'""",
+                [LEASE_S, name],
+            ).fetchone()
+            if left is not None:
+                job_id, version, commits, version_hash, runner, stop_reason, stale = left
+                if stop_reason:
+                    return self._end(conn, name, job_id, "killed", stop_reason)
+                if not (stale or self._runner_gone(job_id, runner)):
+                    return None  # its runner lives but lost its session: it resumes it itself
+                plan = self._resume_plan(conn, name, job_id, version, commits, version_hash)
+                if plan is not None:
+                    processes.sweep()
+                    return self._run(conn, name, *plan, progress=progress, resume=job_id)
             plan = self._plan(conn, name)
             if plan is None:
                 return None
             return self._run(conn, name, *plan, progress=progress)
 
-    def _run(self, conn, name, spec, row, heads, input_commits, version_hash, progress) -> Job:
-        job_id = uuid.uuid4().hex
-        conn.execute(
-            """INSERT INTO pipeline_jobs (id, pipeline, pipeline_version, version_hash,
-                                          input_commits, state)
-               VALUES (%s, %s, %s, %s, %s, 'running')""",
-            [job_id, name, row["version"], version_hash, Jsonb(input_commits)],
-        )
-        say = progress or (lambda _: None)
-        files_cache: dict[str, list[FileEntry]] = {}
+    @staticmethod
+    def _runner_gone(job_id: str, token: str | None) -> bool:
+        runner = processes.Runner.parse(token)
+        if runner is None:
+            return True
+        if runner == processes.current_runner():
+            return job_id not in _ACTIVE
+        return runner.alive() is False
 
-        def files_of(commit: Commit) -> list[FileEntry]:
-            if commit.id not in files_cache:
-                files_cache[commit.id] = list(self.repos.files(commit))
-            return files_cache[commit.id]
+    def _resume_plan(self, conn, name, job_id, version, commits, version_hash):
+        """The plan of an interrupted job, to finish it; None (the job ended killed) when the
+        pipeline has a newer version or an input commit is gone."""
+        row = self._row(conn, name)
+        if row["version"] != version:
+            self._end(conn, name, job_id, "killed", f"superseded by version {row['version']}")
+            return None
+        spec = self._effective(parse_spec(row["spec"], f"pipeline {name}"))
+        heads = {ref: self.repos.commit_by_id(conn, commit) for ref, commit in commits.items()}
+        if None in heads.values() or set(heads) != {leaf.ref for leaf in spec.leaves()}:
+            self._end(conn, name, job_id, "killed", "its input commits are gone")
+            return None
+        return spec, row, heads, commits, version_hash
 
-        try:
-            all_datums = datums(spec.input, heads, files_of)
-            hashes = {d.hash: d for d in all_datums}
-            reuse = spec.reprocess_spec != "every_job"
-            cached = {
-                h: outputs
-                for h, outputs in conn.execute(
-                    """SELECT datum_hash, outputs FROM pipeline_datum_outputs
-                       WHERE pipeline = %s AND version_hash = %s AND datum_hash = ANY(%s)""",
-                    [name, version_hash, list(hashes) if reuse else []],
-                )
-            }
-            results = [
-                DatumResult(d, "skipped", outputs=[tuple(o) for o in cached[h]])
-                for h, d in hashes.items()
-                if h in cached
-            ]
-            to_run = [d for h, d in hashes.items() if h not in cached]
+    def _end(self, conn, name: str, job_id: str, state: str, error: str) -> Job:
+        """End a running job as killed or failure, with `error`, and announce it."""
+        ended = conn.execute(
+            """UPDATE pipeline_jobs SET state = %s, finished_at = now(), error = %s
+               WHERE id = %s AND state = 'running'""",
+            [state, error, job_id],
+        ).rowcount
+        if ended:
+            events.emit(
+                conn,
+                events.JOB_FINISHED,
+                lineage.node_id("pipeline_job", job_id),
+                {"pipeline": name, "job": job_id, "state": state, "error": error},
+            )
+        return self.job(job_id)
+
+    def _run(
+        self, conn, name, spec, row, heads, input_commits, version_hash, progress, resume=None
+    ) -> Job:
+        """Run (or, with `resume`, finish) a job while holding the pipeline's lock on `conn`."""
+        runner = processes.current_runner().token
+        timeouts = [
+            parse_duration(t) if t else None for t in (spec.datum_timeout, spec.job_timeout)
+        ]
+        if resume:
+            job_id = resume
             conn.execute(
-                "UPDATE pipeline_jobs SET datums_total = %s, datums_skipped = %s WHERE id = %s",
-                [len(hashes), len(results), job_id],
+                """UPDATE pipeline_jobs SET runner = %s, heartbeat_at = now(),
+                          resumed = resumed + 1 WHERE id = %s""",
+                [runner, job_id],
             )
-            say(
-                f"{name}: job {job_id[:12]}: {len(hashes)} datums, {len(results)} unchanged, "
-                f"{len(to_run)} to run"
+        else:
+            job_id = uuid.uuid4().hex
+            conn.execute(
+                """INSERT INTO pipeline_jobs (id, pipeline, pipeline_version, version_hash,
+                       input_commits, state, runner, heartbeat_at, progress_at, datum_timeout_s,
+                       job_timeout_s)
+                   VALUES (%s, %s, %s, %s, %s, 'running', %s, now(), now(), %s, %s)""",
+                [job_id, name, row["version"], version_hash, Jsonb(input_commits), runner]
+                + timeouts,
             )
-            results += self._process(conn, name, spec, row, job_id, version_hash, to_run, say)
-            self._record_datums(conn, job_id, results)
-            failed = [r for r in results if r.state == "failed"]
-            if failed:
-                first = failed[0]
-                raise CDLError(
-                    f"datum {json.dumps(first.datum.describe())} failed after {first.attempts} "
-                    f"attempt(s): {first.error}"
-                    + (f" ({len(failed) - 1} more datums failed)" if len(failed) > 1 else "")
-                )
-            output = self._commit_outputs(name, spec, job_id, heads, results)
+        say = progress or (lambda _: None)
+        if resume:
+            say(f"{name}: resuming job {job_id[:12]}, whose runner stopped")
+        control = processes.JobControl()
+        _ACTIVE[job_id] = control
+        beat = threading.Thread(
+            target=self._beat,
+            args=(conn, job_id, control, spec.job_timeout, timeouts[1]),
+            name=f"beat-{job_id[:8]}",
+            daemon=True,
+        )
+        beat.start()
+        try:
+            output = self._finished_commit(conn, name, job_id) if resume else None
+            if output is None:
+                output = self._work(conn, name, spec, row, job_id, heads, version_hash, say)
             conn.execute(
                 """UPDATE pipeline_jobs SET state = 'success', finished_at = now(),
                           output_commit = %s WHERE id = %s""",
@@ -413,66 +481,180 @@ class PipelineEngine(PipelineBackend):
                         "output_commit": output.ref,
                     },
                 )
+        except _Stopped:
+            if control.state is None:  # left running: the next runner resumes it
+                raise Unavailable(
+                    f"job {job_id[:12]} of {name} was interrupted: {control.reason}",
+                    "it resumes when a worker runs again",
+                ) from None
+            self._end(conn, name, job_id, control.state, control.reason)
+        except db.CONNECTION_LOST:
+            control.stop("lost the database connection", None)
+            raise
         except Exception as exc:
+            control.stop("the job failed", "failure")
             message = exc.problem if isinstance(exc, CDLError) else f"{type(exc).__name__}: {exc}"
-            conn.execute(
-                """UPDATE pipeline_jobs SET state = 'failure', finished_at = now(), error = %s
-                   WHERE id = %s""",
-                [message, job_id],
-            )
-            events.emit(
-                conn,
-                events.JOB_FINISHED,
-                lineage.node_id("pipeline_job", job_id),
-                {"pipeline": name, "job": job_id, "state": "failure", "error": message},
-            )
+            self._end(conn, name, job_id, "failure", message)
             if not isinstance(exc, CDLError):
                 raise
+        finally:
+            _ACTIVE.pop(job_id, None)
+            control.stop("the job ended", control.state)  # ends the beat
+            beat.join()
         return self.job(job_id)
+
+    def _beat(self, conn, job_id, control, job_timeout, job_timeout_s) -> None:
+        """While the job runs: mark it alive every second, and stop it when a stop is requested
+        on its row, when its job_timeout passes, or when the database connection is lost."""
+        deadline = None if job_timeout_s is None else time.monotonic() + job_timeout_s
+        while not control.stopped:
+            done, bad = control.counts or (None, None)
+            try:
+                row = conn.execute(
+                    """UPDATE pipeline_jobs SET heartbeat_at = now(),
+                           progress_at = CASE WHEN %(done)s::int IS NULL
+                               OR (datums_processed, datums_failed) = (%(done)s, %(bad)s)
+                               THEN progress_at ELSE now() END,
+                           datums_processed = coalesce(%(done)s, datums_processed),
+                           datums_failed = coalesce(%(bad)s, datums_failed)
+                       WHERE id = %(id)s RETURNING stop_requested""",
+                    {"id": job_id, "done": done, "bad": bad},
+                ).fetchone()
+            except (*db.CONNECTION_LOST, psycopg.Error):
+                control.stop("lost the database connection", None)
+                return
+            if row and row[0]:
+                control.stop(row[0], "killed")
+            elif deadline is not None and time.monotonic() > deadline:
+                control.stop(f"timed out after {job_timeout} (job_timeout)", "failure")
+            time.sleep(BEAT_S)
+
+    def _finished_commit(self, conn, name: str, job_id: str) -> Commit | None:
+        """The output commit of a resumed job, if its runner stopped just after making it."""
+        row = conn.execute(
+            """SELECT id FROM data_commits WHERE repo = %s AND message = %s
+               AND origin = 'pipeline' AND state = 'finished'""",
+            [name, f"job {job_id}"],
+        ).fetchone()
+        return self.repos.commit_by_id(conn, row[0]) if row else None
+
+    def _work(self, conn, name, spec, row, job_id, heads, version_hash, say) -> Commit:
+        """Run the job's datums that have no output yet and commit the outputs of all."""
+        control = _ACTIVE[job_id]
+        files_cache: dict[str, list[FileEntry]] = {}
+
+        def files_of(commit: Commit) -> list[FileEntry]:
+            if commit.id not in files_cache:
+                files_cache[commit.id] = list(self.repos.files(commit))
+            return files_cache[commit.id]
+
+        all_datums = datums(spec.input, heads, files_of)
+        hashes = {d.hash: d for d in all_datums}
+        reuse = spec.reprocess_spec != "every_job"
+        # This job's own outputs count as processed (it is being resumed); others' as reused.
+        cached = {
+            h: (outputs, by == job_id)
+            for h, outputs, by in conn.execute(
+                """SELECT datum_hash, outputs, job_id FROM pipeline_datum_outputs
+                   WHERE pipeline = %s AND version_hash = %s AND datum_hash = ANY(%s)
+                   AND (%s OR job_id = %s)""",
+                [name, version_hash, list(hashes), reuse, job_id],
+            )
+        }
+        results = [
+            DatumResult(
+                d,
+                "processed" if ours else "skipped",
+                log="[cdl] processed before the job was resumed" if ours else "",
+                outputs=[tuple(o) for o in outputs],
+            )
+            for h, d in hashes.items()
+            if h in cached
+            for outputs, ours in [cached[h]]
+        ]
+        to_run = [d for h, d in hashes.items() if h not in cached]
+        done_before = sum(r.state == "processed" for r in results)
+        conn.execute(
+            """UPDATE pipeline_jobs SET datums_total = %s, datums_skipped = %s,
+                      datums_processed = %s WHERE id = %s""",
+            [len(hashes), len(results) - done_before, done_before, job_id],
+        )
+        say(
+            f"{name}: job {job_id[:12]}: {len(hashes)} datums, {len(results) - done_before} "
+            f"unchanged, {done_before} done before, {len(to_run)} to run"
+        )
+        results += self._process(conn, name, spec, row, job_id, version_hash, to_run, say)
+        if control.stopped:
+            raise _Stopped()
+        self._record_datums(conn, job_id, results)
+        failed = [r for r in results if r.state == "failed"]
+        if failed:
+            first = failed[0]
+            raise CDLError(
+                f"datum {json.dumps(first.datum.describe())} failed after {first.attempts} "
+                f"attempt(s): {first.error}"
+                + (f" ({len(failed) - 1} more datums failed)" if len(failed) > 1 else "")
+            )
+        return self._commit_outputs(name, spec, job_id, heads, results)
 
     def _process(self, conn, name, spec, row, job_id, version_hash, to_run, say):
         results: list[DatumResult] = []
         if not to_run:
             return results
+        control = _ACTIVE[job_id]
         run = self._run_batched if spec.transform.datum_batching else self._run_each
         last_report = time.monotonic()
-        for result in run(spec, Path(row["workdir"]), job_id, to_run):
-            results.append(result)
-            if result.state == "processed":
-                conn.execute(
-                    """INSERT INTO pipeline_datum_outputs
-                           (pipeline, version_hash, datum_hash, outputs, job_id)
-                       VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
-                    [
-                        name,
-                        version_hash,
-                        result.datum.hash,
-                        Jsonb([list(o) for o in result.outputs]),
-                        job_id,
-                    ],
-                )
-            if time.monotonic() - last_report > 1 or len(results) == len(to_run):
-                last_report = time.monotonic()
+        earlier = conn.execute(
+            "SELECT datums_processed FROM pipeline_jobs WHERE id = %s", [job_id]
+        ).fetchone()[0]
+        try:
+            for result in run(spec, Path(row["workdir"]), job_id, to_run, control):
+                if control.stopped:
+                    continue  # what a stopped job's datums did is not kept
+                results.append(result)
+                if result.state == "processed":
+                    conn.execute(
+                        """INSERT INTO pipeline_datum_outputs
+                               (pipeline, version_hash, datum_hash, outputs, job_id)
+                           VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
+                        [
+                            name,
+                            version_hash,
+                            result.datum.hash,
+                            Jsonb([list(o) for o in result.outputs]),
+                            job_id,
+                        ],
+                    )
                 done = sum(r.state == "processed" for r in results)
                 bad = sum(r.state == "failed" for r in results)
+                control.counts = (earlier + done, bad)  # written by the job's beat
+                if time.monotonic() - last_report > 1 or len(results) == len(to_run):
+                    last_report = time.monotonic()
+                    say(f"{name}: {done + bad}/{len(to_run)} datums run ({bad} failed)")
+            if control.counts is not None:
                 conn.execute(
-                    """UPDATE pipeline_jobs SET datums_processed = %s, datums_failed = %s
-                       WHERE id = %s""",
-                    [done, bad, job_id],
+                    """UPDATE pipeline_jobs SET datums_processed = %s, datums_failed = %s,
+                              progress_at = now() WHERE id = %s""",
+                    [*control.counts, job_id],
                 )
-                say(f"{name}: {done + bad}/{len(to_run)} datums run ({bad} failed)")
+        except BaseException:
+            control.stop("the job's runner failed", None)  # kill its datums before unwinding
+            raise
         return results
 
-    def _run_each(self, spec, workdir, job_id, to_run) -> Iterator[DatumResult]:
+    def _run_each(self, spec, workdir, job_id, to_run, control) -> Iterator[DatumResult]:
         """One transform process per datum, `parallelism_spec` at a time."""
         workers = spec.parallelism_spec.constant
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datum") as pool:
-            futures = [pool.submit(self._run_datum, spec, workdir, job_id, d) for d in to_run]
+            futures = [
+                pool.submit(self._run_datum, spec, workdir, job_id, d, control) for d in to_run
+            ]
             for future in as_completed(futures):
                 yield future.result()
 
-    def _run_batched(self, spec, workdir, job_id, to_run) -> Iterator[DatumResult]:
-        """`parallelism_spec` transform processes, each fed datums until none is left."""
+    def _run_batched(self, spec, workdir, job_id, to_run, control) -> Iterator[DatumResult]:
+        """`parallelism_spec` transform processes, each fed datums until none is left (or the
+        job is stopped)."""
         todo: queue.SimpleQueue = queue.SimpleQueue()
         for datum in to_run:
             todo.put(datum)
@@ -482,8 +664,8 @@ class PipelineEngine(PipelineBackend):
         def work() -> None:
             worker = None
             try:
-                worker = BatchWorker(self, spec, workdir, job_id)
-                while not stop.is_set():
+                worker = BatchWorker(self, spec, workdir, job_id, control)
+                while not (stop.is_set() or control.stopped):
                     try:
                         datum = todo.get_nowait()
                     except queue.Empty:
@@ -494,6 +676,7 @@ class PipelineEngine(PipelineBackend):
             finally:
                 if worker is not None:
                     worker.close()
+                done.put(None)  # this worker is done
 
         threads = [
             threading.Thread(target=work, name=f"batch-{i}", daemon=True)
@@ -502,11 +685,15 @@ class PipelineEngine(PipelineBackend):
         for thread in threads:
             thread.start()
         try:
-            for _ in to_run:
+            working = len(threads)
+            while working:
                 item = done.get()
-                if isinstance(item, BaseException):
+                if item is None:
+                    working -= 1
+                elif isinstance(item, BaseException):
                     raise item
-                yield item
+                else:
+                    yield item
         finally:
             stop.set()
             for thread in threads:
@@ -526,29 +713,25 @@ class PipelineEngine(PipelineBackend):
         env = {**datum_env(datum, pfs), "PACH_JOB_ID": job_id}
         return local_command(spec.transform, pfs, workdir, env)
 
-    def _run_datum(self, spec: PipelineSpec, workdir: Path, job_id: str, datum: Datum):
+    def _run_datum(self, spec: PipelineSpec, workdir: Path, job_id: str, datum: Datum, control):
         transform = spec.transform
         timeout = parse_duration(spec.datum_timeout) if spec.datum_timeout else None
         error, log, started = "", "", time.monotonic()
         for attempt in range(1, spec.datum_tries + 1):
-            root = Path(tempfile.mkdtemp(prefix="cdl-datum-"))
+            if control.stopped:
+                return DatumResult(datum, "failed", attempt - 1, 0.0, log, control.reason)
+            root = processes.scratch_folder("datum-")
             try:
                 pfs = root / "pfs"
                 self._mount(datum, pfs)
                 call = self._invocation(spec, workdir, job_id, pfs, datum)
-                proc = subprocess.run(
-                    call.argv,
-                    input=call.stdin,
-                    cwd=call.cwd,
-                    env=call.env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                    errors="replace",
-                    timeout=timeout,
-                )
-                log = tail(proc.stdout)
-                if proc.returncode == 0 or proc.returncode in transform.accept_return_code:
+                code, output, killed = processes.run_to_end(call, timeout, control)
+                log = tail(output)
+                if killed == "timed out":
+                    error = f"timed out after {spec.datum_timeout} (datum_timeout)"
+                elif killed:
+                    error = killed
+                elif code == 0 or code in transform.accept_return_code:
                     outputs = self._collect(pfs / "out")
                     return DatumResult(
                         datum,
@@ -558,10 +741,8 @@ class PipelineEngine(PipelineBackend):
                         log,
                         outputs=outputs,
                     )
-                error = exit_error(proc.returncode, proc.stdout)
-            except subprocess.TimeoutExpired as exc:
-                log = tail(exc.stdout or "") if isinstance(exc.stdout, str) else ""
-                error = f"timed out after {spec.datum_timeout} (datum_timeout)"
+                else:
+                    error = exit_error(code, output)
             except FileNotFoundError as exc:
                 error = f"cannot run {transform.cmd[0]!r}: {exc.strerror}"
             except Invalid as exc:  # an output /pfs/out cannot hold
@@ -627,6 +808,85 @@ class PipelineEngine(PipelineBackend):
                 writer.add_object(path, sha256, size)
         return writer.commit
 
+    # -- stopping jobs -------------------------------------------------------------------
+
+    def stop(self, job_id: str, reason: str = "stopped by 'cdl data job stop'") -> Job:
+        """Stop a running job: its datums are killed, nothing is committed, it ends `killed`.
+        Waits until its runner has ended it (or ends it here if its runner is gone)."""
+        job = self.job(job_id)
+        if job.state != "running":
+            raise Invalid(f"job {job.id[:12]} is not running: it ended ({job.state})")
+        with self.stack.connect(autocommit=True) as conn:
+            conn.execute(
+                """UPDATE pipeline_jobs SET stop_requested = %s
+                   WHERE id = %s AND state = 'running' AND stop_requested IS NULL""",
+                [reason, job.id],
+            )
+        deadline = time.monotonic() + STOP_WAIT_S
+        while True:
+            with (
+                self.stack.connect(autocommit=True) as conn,
+                db.advisory_lock(conn, self._lock_key(job.pipeline), wait=False) as held,
+            ):
+                if held:  # no live session runs it: end it here
+                    return self._end(conn, job.pipeline, job.id, "killed", reason)
+            job = self.job(job.id)
+            if job.state != "running":
+                return job
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"job {job.id[:12]} was asked to stop but its runner has not ended it "
+                    f"within {STOP_WAIT_S:.0f} s",
+                    "see 'cdl stack status'; stopping the stack kills its transforms",
+                )
+            time.sleep(0.2)
+
+    def stop_running(self, pipeline: str, reason: str) -> list[Job]:
+        """Stop the running job of `pipeline`, if it has one; returns what was stopped."""
+        with self.stack.connect() as conn:
+            running = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM pipeline_jobs WHERE pipeline = %s AND state = 'running'",
+                    [pipeline],
+                )
+            ]
+        stopped = []
+        for job_id in running:
+            try:
+                stopped.append(self.stop(job_id, reason))
+            except Invalid:
+                pass  # it ended meanwhile
+        return stopped
+
+    def running_jobs(self) -> list[dict]:
+        """The running jobs with their progress: `stalled` when no datum finished for longer
+        than the datum timeout, `orphaned` when the runner is gone (the next one resumes it)."""
+        with self.stack.connect() as conn, conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(
+                """SELECT id, pipeline, runner, datums_total, datums_processed,
+                          datums_skipped, datums_failed,
+                          extract(epoch FROM now() - coalesce(progress_at, started_at))
+                              AS idle_s,
+                          datum_timeout_s,
+                          now() - heartbeat_at > %s * interval '1 second' AS stale
+                   FROM pipeline_jobs WHERE state = 'running' ORDER BY started_at""",
+                [LEASE_S],
+            ).fetchall()
+        for row in rows:
+            runner = processes.Runner.parse(row["runner"])
+            gone = row["stale"] or runner is None or runner.alive() is False
+            timeout = row["datum_timeout_s"]
+            row["runner_pid"] = runner.pid if runner else None
+            row["health"] = (
+                "orphaned"
+                if gone
+                else "stalled"
+                if timeout is not None and row["idle_s"] > timeout + LEASE_S
+                else "running"
+            )
+        return rows
+
     # -- reading jobs --------------------------------------------------------------------
 
     def jobs(self, pipeline: str | None = None, limit: int = 20) -> list[Job]:
@@ -634,7 +894,8 @@ class PipelineEngine(PipelineBackend):
             return db.fetch_all(
                 conn,
                 Job,
-                """SELECT * FROM pipeline_jobs WHERE %(p)s::text IS NULL OR pipeline = %(p)s
+                f"""SELECT {JOB_COLUMNS} FROM pipeline_jobs
+                   WHERE %(p)s::text IS NULL OR pipeline = %(p)s
                    ORDER BY started_at DESC LIMIT %(n)s""",
                 {"p": pipeline, "n": limit},
             )
@@ -647,7 +908,7 @@ class PipelineEngine(PipelineBackend):
             return db.fetch_all(
                 conn,
                 Job,
-                """WITH RECURSIVE triggered AS (
+                f"""WITH RECURSIVE triggered AS (
                        SELECT j.* FROM pipeline_jobs j
                        WHERE EXISTS (SELECT 1 FROM jsonb_each_text(j.input_commits) i
                                      WHERE i.value = ANY(%(commits)s))
@@ -657,14 +918,17 @@ class PipelineEngine(PipelineBackend):
                        SELECT j.* FROM pipeline_jobs j JOIN triggered t
                          ON EXISTS (SELECT 1 FROM jsonb_each_text(j.input_commits) i
                                     WHERE i.value = t.output_commit))
-                   SELECT * FROM triggered ORDER BY started_at""",
+                   SELECT {JOB_COLUMNS} FROM triggered ORDER BY started_at""",
                 {"commits": list(commits), "names": [*versions], "numbers": [*versions.values()]},
             )
 
     def job(self, job_id: str) -> Job:
         with self.stack.connect() as conn:
             rows = db.fetch_all(
-                conn, Job, "SELECT * FROM pipeline_jobs WHERE id LIKE %s LIMIT 2", [job_id + "%"]
+                conn,
+                Job,
+                f"SELECT {JOB_COLUMNS} FROM pipeline_jobs WHERE id LIKE %s LIMIT 2",
+                [job_id + "%"],
             )
         if len(rows) != 1:
             raise NotFound(
@@ -769,26 +1033,67 @@ class PipelineEngine(PipelineBackend):
             timers.join(timeout=30)
 
     def _serve_jobs(self, stop: threading.Event, say: Callable[[str], None]) -> None:
-        """Until `stop`: a lost or refused connection (Postgres restarting) is retried with
-        backoff, 1 s doubling to 30 s, and the worker goes on once it answers again."""
+        """Until `stop`: run due jobs, those of different pipelines at once up to the stack's
+        `data.job_slots`. A lost or refused connection (Postgres restarting) is retried with
+        backoff, 1 s doubling to 30 s, and the worker goes on once it answers again. On `stop`,
+        running jobs are interrupted (their transforms killed) and left for the next worker to
+        resume."""
+        swept = processes.sweep()
+        if swept.processes or swept.folders:
+            say(
+                f"cleaned up after a worker that was killed: {swept.processes} transform "
+                f"processes, {swept.folders} scratch folders"
+            )
+        slots = self.stack.settings.stack.data.job_slots
+        running: dict[str, Future] = {}
         backoff = 1.0
-        while not stop.is_set():
+        with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="job") as pool:
             try:
-                with self.stack.connect(autocommit=True) as conn:
-                    conn.execute(f"LISTEN {events.CHANNEL}")
-                    backoff = 1.0
-                    while not stop.is_set():
-                        for job in self.run_pending(say):
-                            say(
-                                f"{job.pipeline}: job {job.id[:12]} {job.state}"
-                                + (f": {job.error}" if job.error else "")
-                            )
-                        for _ in conn.notifies(timeout=POLL_S, stop_after=1):
-                            pass
+                while not stop.is_set():
+                    try:
+                        with self.stack.connect(autocommit=True) as conn:
+                            conn.execute(f"LISTEN {events.CHANNEL}")
+                            backoff = 1.0
+                            while not stop.is_set():
+                                self._reap(running, say)
+                                for name in self.pending():
+                                    if len(running) < slots and name not in running:
+                                        running[name] = pool.submit(self.run_job, name, say)
+                                wait = JOB_POLL_S if running else POLL_S
+                                for _ in conn.notifies(timeout=wait, stop_after=1):
+                                    pass
+                    except (*db.CONNECTION_LOST, Unavailable) as exc:
+                        say(
+                            f"database connection lost ({db.first_line(exc)}); "
+                            f"retrying in {backoff:g} s"
+                        )
+                        stop.wait(backoff)
+                        backoff = min(backoff * 2, 30.0)
+            finally:
+                for control in list(_ACTIVE.values()):
+                    control.stop("the worker stopped", None)
+                for future in running.values():
+                    future.cancel()
+
+    def _reap(self, running: dict[str, Future], say: Callable[[str], None]) -> None:
+        """Report the jobs that ended and free their slots."""
+        for name, future in list(running.items()):
+            if not future.done():
+                continue
+            del running[name]
+            try:
+                job = future.result()
             except (*db.CONNECTION_LOST, Unavailable) as exc:
-                say(f"database connection lost ({db.first_line(exc)}); retrying in {backoff:g} s")
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                say(f"{name}: {db.first_line(exc)}")
+                continue
+            except Exception as exc:  # the worker goes on; the job is marked failed
+                say(f"{name}: {type(exc).__name__}: {exc}")
+                continue
+            if job is not None:
+                say(
+                    f"{job.pipeline}: job {job.id[:12]} {job.state}"
+                    + (f": {job.error}" if job.error else "")
+                )
 
     def serve_timers(self, stop: threading.Event, say: Callable[[str], None]) -> None:
         """Commit due cron ticks and run spouts until `stop` is set; spouts stop with it."""

@@ -436,15 +436,17 @@ class PachydermPipelines(_Pachd, PipelineBackend):
             update=update,
             reprocess=reprocess,
         )
-        return {"name": spec.name, "version": "on pachd", "ignored": []}
+        # pachd stops a running job of the old version itself.
+        return {"name": spec.name, "version": "on pachd", "ignored": [], "stopped": []}
 
-    def delete(self, name: str, keep_repo: bool = False) -> None:
-        self._call(
+    def delete(self, name: str, keep_repo: bool = False) -> list[Job]:
+        self._call(  # pachd stops the pipeline's running job itself
             f"delete pipeline {name}",
             self.client.pps.delete_pipeline,
             pipeline=self.pps.Pipeline(name=name),
             keep_repo=keep_repo,
         )
+        return []
 
     def list(self) -> list[dict]:
         raise _unsupported("pipeline list")
@@ -471,6 +473,9 @@ class PachydermPipelines(_Pachd, PipelineBackend):
 
     def job_datums(self, job_id: str, state: str | None = None) -> list[dict]:
         raise _unsupported("job logs")
+
+    def stop(self, job_id: str) -> Job:
+        raise _unsupported("job stop")
 
     def serve(self, stop: threading.Event, say: Callable[[str], None]) -> None:
         raise _unsupported("worker")

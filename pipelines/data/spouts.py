@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pipelines.core import db
+from pipelines.data import processes
 from pipelines.data.spec import PipelineSpec, parse_spec
 from pipelines.data.transform import local_command
 
@@ -90,7 +90,7 @@ class Spouts:
 
     def _start(self, row: dict) -> None:
         spec = parse_spec(row["spec"], f"pipeline {row['name']}")
-        root = Path(tempfile.mkdtemp(prefix=f"cdl-spout-{spec.name}-"))
+        root = processes.scratch_folder(f"spout-{spec.name}-")
         (root / "pfs" / "out").mkdir(parents=True)
         run = SpoutRun(spec.name, row["version"], spec.output_branch, root)
         self.running[spec.name] = run
@@ -101,15 +101,14 @@ class Spouts:
         command = local_command(spec.transform, run.root / "pfs", Path(workdir))
         with open(run.root / "spout.log", "ab") as log:
             try:
-                run.proc = subprocess.Popen(
+                run.proc = processes.start(  # stopped as a group, with its children
                     command.argv,
+                    command.env,
                     stdin=subprocess.PIPE if command.stdin else subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=command.cwd,
-                    env=command.env,
                     text=True,
-                    start_new_session=True,  # stopped as a group, with its children
                 )
             except OSError as exc:
                 log.write(f"cannot run {command.argv[0]!r}: {exc.strerror}\n".encode())

@@ -562,7 +562,7 @@ def test_missing_command_and_input_repo(engine, repos, source, tmp_path):
         engine.create(write_spec(tmp_path / "y", simple_spec(name, source)))
 
 
-def test_chained_pipelines_and_interrupted_job(engine, repos, source, tmp_path, shared_stack):
+def test_chained_pipelines(engine, repos, source, tmp_path):
     put(repos, source, tmp_path, {"x/a.txt": b"abc"})
     first, second = uid("first"), uid("second")
     engine.create(write_spec(tmp_path, simple_spec(first, source)))
@@ -580,19 +580,9 @@ def test_chained_pipelines_and_interrupted_job(engine, repos, source, tmp_path, 
     )
     engine.run_pending()
     assert contents(repos, second) == {"/a.txt": b"CBA"}
-    with shared_stack.connect(autocommit=True) as conn:  # a job whose runner was killed
-        conn.execute(
-            """INSERT INTO pipeline_jobs (id, pipeline, pipeline_version, version_hash,
-                                          input_commits, state)
-               VALUES (%s, %s, 1, 'x', '{}', 'running')""",
-            [uuid.uuid4().hex, first],
-        )
     put(repos, source, tmp_path, {"x/b.txt": b"def"})
     engine.run_pending()
-    states = [j.state for j in engine.jobs(first)]
-    assert states[0] == "success" and "failure" in states
-    interrupted = [j for j in engine.jobs(first) if j.state == "failure"][0]
-    assert "interrupted" in interrupted.error
+    assert [j.state for j in engine.jobs(first)] == ["success", "success"]
     assert contents(repos, second) == {"/a.txt": b"CBA", "/b.txt": b"FED"}
 
 
