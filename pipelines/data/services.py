@@ -30,10 +30,16 @@ def status(stack: Stack) -> list[ComponentStatus]:
     (the next worker resumes it)."""
     if stack.settings.stack.data.engine != "local":
         return []
+    import psycopg
+
     from pipelines.data.engine import PipelineEngine
 
+    try:
+        running = PipelineEngine(stack).running_jobs()
+    except psycopg.errors.UndefinedColumn:  # a schema older than this code
+        return [ComponentStatus("jobs", "unknown (run 'cdl stack up')", "-", None, None)]
     rows = []
-    for job in PipelineEngine(stack).running_jobs():
+    for job in running:
         done = job["datums_processed"] + job["datums_skipped"] + job["datums_failed"]
         health = "healthy" if job["health"] == "running" else job["health"]
         if job["health"] == "stalled":
