@@ -854,7 +854,7 @@ def test_label_services_outlive_a_postgres_kill(lab, tmp_path):
     """The postmaster SIGKILLed under Label Studio and the webhook receiver (both on the stack's
     Postgres): a webhook that comes meanwhile fails its export in one logged line, and once
     `stack up` has Postgres back the same two processes take a new annotation into the label
-    store."""
+    store. (Last in the module: a failure here can leave the shared lab's Postgres down.)"""
     stack, labeling, _ = lab
     DataRepos(stack).put(Ref.parse("bbc-raw"), [fresh_articles(tmp_path, seed=47, docs=5)])
     PipelineEngine(stack).run_pending()
