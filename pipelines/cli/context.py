@@ -53,5 +53,5 @@ def stop_on_signal() -> threading.Event:
 
 
 def say(line: str) -> None:
-    """A timestamped line for a long-running command's log."""
-    console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", highlight=False)
+    """A timestamped line for a long-running command's log (one line, however long)."""
+    console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", highlight=False, soft_wrap=True)

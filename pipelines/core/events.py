@@ -25,6 +25,7 @@ import httpx
 import psycopg
 from psycopg.types.json import Jsonb
 
+from pipelines.core import db
 from pipelines.core.config import Subscriber
 from pipelines.core.errors import Invalid
 
@@ -322,21 +323,27 @@ class Dispatcher:
             return sum(self.drain(conn, sub) for sub in self.subscribers)
 
     def _worker(self, sub: Subscriber, wake: threading.Event) -> None:
-        while not self.stop_event.is_set():
-            try:
-                with psycopg.connect(self.dsn, autocommit=True) as conn:
-                    while not self.stop_event.is_set():
-                        self.drain(conn, sub)
-                        wake.wait(POLL_S)
-                        wake.clear()
-            except psycopg.OperationalError as exc:
-                self._say(f"{sub.name}: database connection lost ({exc}); reconnecting")
-                self.stop_event.wait(2.0)
+        def session(connected: Callable[[], None]) -> None:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                connected()
+                while not self.stop_event.is_set():
+                    self.drain(conn, sub)
+                    wake.wait(POLL_S)
+                    wake.clear()
+
+        db.keep_connected(session, self.stop_event, self._say, f"{sub.name}: ")
 
     def serve(self) -> None:
-        """Deliver until `stop_event` is set; survives database restarts."""
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            register(conn, self.subscribers)
+        """Deliver until `stop_event` is set. A lost database connection (Postgres restarting)
+        is retried by each thread with backoff (db.keep_connected), and delivery goes on."""
+
+        def register_all(connected: Callable[[], None]) -> None:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                register(conn, self.subscribers)
+
+        # Postgres may be down as the dispatcher starts (the supervisor starts it again, or
+        # Postgres is restarting): it waits for it as it would for a lost connection.
+        db.keep_connected(register_all, self.stop_event, self._say)
         wakes = [threading.Event() for _ in self.subscribers]
         workers = [
             threading.Thread(target=self._worker, args=(s, w), name=f"events-{s.name}", daemon=True)
@@ -347,17 +354,21 @@ class Dispatcher:
         self._say(
             f"dispatching events to {', '.join(s.name for s in self.subscribers) or 'nobody'}"
         )
-        while not self.stop_event.is_set():
-            try:
-                with psycopg.connect(self.dsn, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
-                    while not self.stop_event.is_set():
-                        for _ in conn.notifies(timeout=1.0, stop_after=1):
-                            for wake in wakes:
-                                wake.set()
-            except psycopg.OperationalError as exc:
-                self._say(f"listener: database connection lost ({exc}); reconnecting")
-                self.stop_event.wait(2.0)
+
+        def listen(connected: Callable[[], None]) -> None:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                conn.execute(f"LISTEN {CHANNEL}")
+                connected()
+                for wake in wakes:  # what committed while nobody listened
+                    wake.set()
+                while not self.stop_event.is_set():
+                    for _ in conn.notifies(timeout=1.0, stop_after=1):
+                        for wake in wakes:
+                            wake.set()
+
+        db.keep_connected(listen, self.stop_event, self._say, "listener: ")
+        for wake in wakes:  # stopping: the workers need not finish their wait
+            wake.set()
         for worker in workers:
             worker.join(timeout=10)
 

@@ -1,8 +1,15 @@
 """The `cdl` command line as a user runs it, in a subprocess (help: tests/cli/test_help.py)."""
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
-from tests.conftest import REPO, cdl
+import pytest
+
+from tests.conftest import REPO, cdl, destroy, make_project, stack_for
 
 
 def test_version():
@@ -90,3 +97,65 @@ def test_demo_runs_the_bbc_news_data_and_labeling_loop(project_dir):
         assert "0 datums run" in again.stdout and "0 new row(s) loaded" in again.stdout
     finally:
         cdl("stack", "down", cwd=folder)
+
+
+@pytest.fixture(scope="module")
+def killed_stack():
+    """A stack whose postmaster was SIGKILLed under `cdl events wait` (a command that holds its
+    connection while it waits); yields the stack and what that command printed."""
+    stack = stack_for(make_project())
+    stack.up()
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli.main", "events", "wait", "never.happens"],
+        cwd=stack.settings.root,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CDL_")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        with stack.connect(autocommit=True) as conn:
+            while not conn.execute(  # it is following the log on its connection
+                """SELECT 1 FROM pg_stat_activity
+                   WHERE pid <> pg_backend_pid() AND query LIKE '%FROM events WHERE id >%'"""
+            ).fetchone():
+                assert waiter.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+            os.kill(stack.postgres.running_pid(), signal.SIGKILL)
+        out, err = waiter.communicate(timeout=30)
+        yield stack, waiter.returncode, err
+    finally:
+        waiter.kill()
+        destroy(stack)
+
+
+def assert_one_line_error(returncode: int, stderr: str, problem: str) -> None:
+    assert returncode == 1 and "Traceback" not in stderr, stderr
+    [line] = stderr.strip().splitlines()
+    assert line.startswith(f"error: {problem}") and "(fix: " in line, line
+
+
+def test_command_whose_postgres_dies_under_it_is_a_one_line_error(killed_stack):
+    _, returncode, stderr = killed_stack
+    problem = "lost the connection to the platform database"
+    assert_one_line_error(returncode, stderr, problem)
+    assert "run 'cdl stack up' if it is down" in stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["data", "pipeline", "list"],
+        ["data", "put", "raw", "cdl.yaml"],
+        ["events", "tail"],
+        ["label", "snapshot", "list", "bbc_news"],
+        ["lineage", "show", "dataset_commit:raw@1"],
+    ],
+    ids=" ".join,
+)
+def test_commands_right_after_a_postgres_kill_are_one_line_errors(killed_stack, command):
+    stack = killed_stack[0]
+    result = cdl(*command, cwd=stack.settings.root)
+    assert_one_line_error(result.returncode, result.stderr, "cannot reach the platform database")
+    assert "(fix: run 'cdl stack up')" in result.stderr

@@ -3,6 +3,8 @@
 import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -288,6 +290,51 @@ def test_stack_events_service_delivers_to_configured_webhook(project_factory, re
     while "model.evaluation.passed model_version:bbc/2" not in log.read_text():
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.1)
+
+
+def test_events_service_outlives_a_postgres_kill(project_factory, receiver):
+    """The postmaster SIGKILLed under the stack's events service: the dispatcher says so in one
+    line a try, and once `stack up` has Postgres back the same process delivers the next event.
+    A dispatcher started while Postgres is down waits for it the same way."""
+    hook = {"name": "ci", "kind": "webhook", "url": receiver.url, "retries": 0}
+    stack = project_factory({"stacks": {"local": {"events": {"subscribers": [hook]}}}})
+    stack.up()
+    log = stack.supervisor.log_path("events")
+
+    def emitted_and_delivered() -> None:
+        event = events.EventLog(stack).emit("model.registered", None, {})
+        assert receiver.wait_for(len(receiver.requests) + 1, timeout=40)[-1]["id"] == event.id
+
+    def wait_for_log(text: str, since: int) -> None:
+        deadline = time.monotonic() + 15
+        while text not in log.read_text()[since:]:
+            assert stack.supervisor.pid("events"), log.read_text()[since:]  # it exited
+            assert time.monotonic() < deadline, log.read_text()[since:]
+            time.sleep(0.2)
+
+    dispatcher = stack.supervisor.pid("events")
+    emitted_and_delivered()  # it is serving
+    os.kill(stack.postgres.running_pid(), signal.SIGKILL)
+    wait_for_log("retrying in 2 s", 0)  # lost, and a reconnect refused: it goes on trying
+    stack.up()
+    assert stack.supervisor.pid("events") == dispatcher  # not restarted: it lived through it
+    emitted_and_delivered()
+    assert stack.supervisor.pid("events") == dispatcher
+
+    stack.postgres.down()  # and the dispatcher (re)started meanwhile, as a supervisor would
+    stack.supervisor.stop("events")
+    seen = len(log.read_text())
+    [service] = [s for s in stack.services() if s.name == "events"]
+    dispatcher = stack.supervisor.start(service.make()).pid
+    wait_for_log("database connection lost", seen)
+    stack.up()
+    assert stack.supervisor.pid("events") == dispatcher
+    emitted_and_delivered()
+
+    text = log.read_text()
+    assert "Traceback" not in text and "error:" not in text
+    lost = [line for line in text.splitlines() if "database connection lost" in line]
+    assert all(re.search(r"; retrying in \d+ s$", line) for line in lost), lost  # one line each
 
 
 def test_cli_wait_tail_and_emit(shared_stack):

@@ -3,7 +3,9 @@ become tasks, annotations come back into the label store, snapshots freeze them.
 
 import gzip
 import json
+import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -26,7 +28,7 @@ from pipelines.data.labeling import rows as labeling_rows
 from pipelines.data.labeling import webhooks
 from pipelines.data.labeling.client import LabelStudioClient
 from pipelines.data.labeling.predictor import file_predictor
-from pipelines.data.labeling.server import LabelStudioServer
+from pipelines.data.labeling.server import SERVICE, LabelStudioServer
 from pipelines.data.labeling.service import ExportResult, Labeling
 from pipelines.data.labeling.spec import use_case, use_cases_by_project
 from pipelines.data.labeling.webhooks import WEBHOOK_SERVICE, webhook_spec
@@ -846,3 +848,45 @@ def test_sync_on_a_pachyderm_stack_reads_pachd(quiet_lab):
         assert source == f"bbc-validate@{pachd.commit_id}:{new_path}"
         conn.execute("DELETE FROM label_tasks WHERE task_id = %s", [task_id])
     labeling.client.sdk.tasks.delete(id=str(task_id))  # leave the project as the other tests expect
+
+
+def test_label_services_outlive_a_postgres_kill(lab, tmp_path):
+    """The postmaster SIGKILLed under Label Studio and the webhook receiver (both on the stack's
+    Postgres): a webhook that comes meanwhile fails its export in one logged line, and once
+    `stack up` has Postgres back the same two processes take a new annotation into the label
+    store. (Last in the module: a failure here can leave the shared lab's Postgres down.)"""
+    stack, labeling, _ = lab
+    DataRepos(stack).put(Ref.parse("bbc-raw"), [fresh_articles(tmp_path, seed=47, docs=5)])
+    PipelineEngine(stack).run_pending()
+    labeling.sync()
+    with stack.connect() as conn:
+        [task_id] = conn.execute(
+            """SELECT t.task_id FROM label_tasks t WHERE t.use_case = 'bbc_news' AND NOT EXISTS
+               (SELECT 1 FROM label_rows r WHERE r.task_id = t.task_id)
+               ORDER BY t.task_id DESC LIMIT 1"""
+        ).fetchone()
+    services = (SERVICE, WEBHOOK_SERVICE)
+    pids = {name: stack.supervisor.pid(name) for name in services}
+    log = stack.supervisor.log_path(WEBHOOK_SERVICE)
+    seen = len(log.read_text())
+
+    os.kill(stack.postgres.running_pid(), signal.SIGKILL)
+    hook = stack.supervisor.status(WEBHOOK_SERVICE).address
+    event = {"action": "ANNOTATION_CREATED", "project": {"title": labeling.case.spec.project}}
+    assert httpx.post(hook, json={**event, "task": {"id": task_id}}).status_code == 200
+    deadline = time.monotonic() + 60
+    while "export failed" not in log.read_text()[seen:]:
+        assert time.monotonic() < deadline, log.read_text()[seen:]
+        time.sleep(0.2)
+    stack.up(["label-studio"])
+    assert {name: stack.supervisor.pid(name) for name in services} == pids  # none restarted
+
+    annotation = labeling.annotate(task_id, "sport")  # Label Studio on its own reconnected
+    while not label_rows_for(stack, annotation["id"]):
+        assert time.monotonic() < deadline, log.read_text()[seen:]
+        time.sleep(0.2)
+    assert label_rows_for(stack, annotation["id"]) == [("sport",)]
+    assert {name: stack.supervisor.pid(name) for name in services} == pids
+    lines = log.read_text()[seen:].strip().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in lines), lines
+    assert any(re.search(r" bbc_news: export failed, retrying in \d+ s: \S", x) for x in lines)

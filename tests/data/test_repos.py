@@ -292,6 +292,66 @@ def test_put_killed_midway_leaves_no_finished_commit(repos, repo, tmp_path, shar
     assert repos.clean(repo).commits == 0
 
 
+def test_put_under_a_postgres_kill_commits_nothing_half(project_factory, tmp_path):
+    """The postmaster SIGKILLed while `cdl data put` writes thousands of files: the command
+    prints the one-line error with a fix and exits 1; once `stack up` has Postgres back the
+    branch still points at the previous commit, `cdl data clean` leaves nothing of the dead
+    put behind, and the same put then commits every file."""
+    stack = project_factory()
+    stack.up()
+    folder, repos = stack.settings.root, DataRepos(stack)
+    repos.create_repo("big")
+    first, _ = repos.put(Ref.parse("big"), [tree(tmp_path / "v1", {"keep.txt": b"kept"})])
+    many = tmp_path / "many"
+    for d in range(50):
+        (many / f"d{d}").mkdir(parents=True)
+    for i in range(6500):  # 5000 rows are copied in one go, then 1500 more files are stored
+        (many / f"d{i % 50}" / f"f{i}.txt").write_bytes(os.urandom(64))
+    put = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli.main", "data", "put", "big", str(many)],
+        cwd=folder,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CDL_")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    with stack.connect(autocommit=True) as conn:
+        while True:  # mid-write: the open commit has rows, and the put goes on storing files
+            copied = conn.execute(
+                """SELECT count(f.path) FROM data_commits c JOIN data_files f
+                   ON f.commit_id = c.id WHERE c.repo = 'big' AND c.state = 'open'"""
+            ).fetchone()[0]
+            if copied:
+                break
+            assert put.poll() is None, put.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(stack.postgres.running_pid(), signal.SIGKILL)
+    out, err = put.communicate(timeout=60)
+    assert put.returncode == 1, out
+    [line] = err.strip().splitlines()
+    assert line.startswith("error: lost the connection to the platform database"), err
+    assert "(fix: check 'cdl stack status', run 'cdl stack up'" in line
+
+    stack.up()
+    assert repos.resolve("big").id == first.id  # the branch never moved
+    assert [c.state for c in repos.log("big")] == ["open", "finished"]  # on no branch
+    cleaned = cdl("data", "clean", "big", cwd=folder)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert "discarded 1 open commit(s) in big" in cleaned.stdout
+    assert not list(repos.store.objects.glob("**/.tmp-*"))
+    with stack.connect() as conn:  # the dead put's rows went with its commit
+        assert conn.execute(
+            "SELECT count(*) FROM data_files WHERE commit_id <> %s", [first.id]
+        ).fetchone() == (0,)
+    again = cdl("data", "put", "big", str(many), cwd=folder)
+    assert again.returncode == 0, again.stderr
+    head = repos.resolve("big")
+    assert (head.parent, head.file_count) == (first.id, 6501)
+    assert [c.state for c in repos.log("big")] == ["finished", "finished"]
+
+
 def test_clean_discards_a_dead_writers_commit(repos, repo, tmp_path, shared_stack):
     with shared_stack.connect(autocommit=True) as conn:  # what a killed writer leaves
         conn.execute(

@@ -1,7 +1,8 @@
 """The webhook receiver: Label Studio's annotation webhooks trigger incremental exports.
 
 A burst of events becomes one export per use case (debounced), scoped to the tasks the events
-name; a failed export is retried after 2, 4, 8, ... up to 60 s while the receiver keeps
+name; a failed export (Label Studio or Postgres restarting) is retried after 1, 2, 4, ... up to
+30 s, as the stack's other services retry a lost database connection, while the receiver keeps
 receiving. `cdl stack up --with label-studio` runs it as the service 'label-webhooks'.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Callable
 
+from pipelines.core import db
 from pipelines.core.postgres import free_port
 from pipelines.core.services import ServiceSpec
 from pipelines.core.stack import Stack
@@ -30,7 +32,7 @@ WEBHOOK_ACTIONS = [
     "ANNOTATIONS_DELETED",
 ]
 DEBOUNCE_S = 1.0  # a burst of annotations becomes one export
-RETRY_S, RETRY_MAX_S = 2.0, 60.0  # a failed export is retried after 2, 4, 8, ... 60 s
+RETRY_S, RETRY_MAX_S = 1.0, 30.0  # a failed export is retried after 1, 2, 4, ... 30 s
 
 # What a burst of events asks to export: ("task", id) and ("annotation", id) keys, or None for
 # the whole project (an event that names neither, or too many to name in one request).
@@ -148,7 +150,7 @@ class WebhookReceiver:
             backoff = min(2 * self.retry.get(name, (0.0, RETRY_S / 2))[1], RETRY_MAX_S)
             self.retry[name] = (time.monotonic() + backoff, backoff)
             self.add(name, scope)
-            self.say(f"{name}: export failed, retrying in {backoff:g} s: {exc}")
+            self.say(f"{name}: export failed, retrying in {backoff:g} s: {db.first_line(exc)}")
             return
         self.retry.pop(name, None)
         self.say(
