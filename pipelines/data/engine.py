@@ -85,6 +85,7 @@ from pipelines.data.transform import (
 
 POLL_S = 5.0  # how often an idle worker looks for due jobs without being notified
 JOB_POLL_S = 0.5  # how often a busy worker looks for finished and due jobs
+STOP_CHECK_S = 0.5  # how soon a waiting worker notices it was asked to stop
 BEAT_S = 1.0  # how often a running job marks itself alive and checks for a stop
 LEASE_S = 30.0  # a running job not marked alive for this long has lost its runner
 STOP_WAIT_S = 60.0  # how long a stop waits for the job's runner to end it
@@ -1035,7 +1036,7 @@ class PipelineEngine(PipelineBackend):
     def _serve_jobs(self, stop: threading.Event, say: Callable[[str], None]) -> None:
         """Until `stop`: run due jobs, those of different pipelines at once up to the stack's
         `data.job_slots`. A lost or refused connection (Postgres restarting) is retried with
-        backoff, 1 s doubling to 30 s, and the worker goes on once it answers again. On `stop`,
+        backoff (db.keep_connected), and the worker goes on once it answers again. On `stop`,
         running jobs are interrupted (their transforms killed) and left for the next worker to
         resume."""
         swept = processes.sweep()
@@ -1046,29 +1047,24 @@ class PipelineEngine(PipelineBackend):
             )
         slots = self.stack.settings.stack.data.job_slots
         running: dict[str, Future] = {}
-        backoff = 1.0
+
+        def session(connected: Callable[[], None]) -> None:
+            with self.stack.connect(autocommit=True) as conn:
+                conn.execute(f"LISTEN {events.CHANNEL}")
+                connected()
+                while not stop.is_set():
+                    self._reap(running, say)
+                    for name in self.pending():
+                        if len(running) < slots and name not in running:
+                            running[name] = pool.submit(self.run_job, name, say)
+                    deadline = time.monotonic() + (JOB_POLL_S if running else POLL_S)
+                    while not stop.is_set() and time.monotonic() < deadline:
+                        if any(conn.notifies(timeout=STOP_CHECK_S, stop_after=1)):
+                            break
+
         with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="job") as pool:
             try:
-                while not stop.is_set():
-                    try:
-                        with self.stack.connect(autocommit=True) as conn:
-                            conn.execute(f"LISTEN {events.CHANNEL}")
-                            backoff = 1.0
-                            while not stop.is_set():
-                                self._reap(running, say)
-                                for name in self.pending():
-                                    if len(running) < slots and name not in running:
-                                        running[name] = pool.submit(self.run_job, name, say)
-                                wait = JOB_POLL_S if running else POLL_S
-                                for _ in conn.notifies(timeout=wait, stop_after=1):
-                                    pass
-                    except (*db.CONNECTION_LOST, Unavailable) as exc:
-                        say(
-                            f"database connection lost ({db.first_line(exc)}); "
-                            f"retrying in {backoff:g} s"
-                        )
-                        stop.wait(backoff)
-                        backoff = min(backoff * 2, 30.0)
+                db.keep_connected(session, stop, say)
             finally:
                 for control in list(_ACTIVE.values()):
                     control.stop("the worker stopped", None)
@@ -1098,14 +1094,21 @@ class PipelineEngine(PipelineBackend):
     def serve_timers(self, stop: threading.Event, say: Callable[[str], None]) -> None:
         """Commit due cron ticks and run spouts until `stop` is set; spouts stop with it."""
         spouts = Spouts(self, say)
-        try:
+
+        def session(connected: Callable[[], None]) -> None:
             while not stop.is_set():
                 try:
                     for tick in self.commit_due_ticks(say=say):
                         say(f"cron: committed tick {tick.repo}@{tick.id[:12]}")
                     spouts.sync()
+                    connected()
+                except (*db.CONNECTION_LOST, Unavailable):
+                    raise  # waited for by keep_connected
                 except Exception as exc:  # the worker goes on; the next pass tries again
-                    say(f"cron and spouts: {type(exc).__name__}: {exc}")
+                    say(f"cron and spouts: {type(exc).__name__}: {db.first_line(exc)}")
                 stop.wait(TIMER_S)
+
+        try:
+            db.keep_connected(session, stop, say, who="cron and spouts: ")
         finally:
             spouts.stop_all()

@@ -4,7 +4,6 @@ do not hold up other pipelines (pipelines/data/engine.py, processes.py)."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from pathlib import Path
@@ -124,10 +123,10 @@ def test_a_killed_workers_job_is_resumed_once_and_its_leftovers_removed(stack, t
             )
         }
     stack.up()
+    # (They sleep for a minute: gone sooner, they were killed. Any worker that starts on this
+    # machine removes what dead runners left, so another test's may have done it.)
     wait_for(lambda: not transforms_of(token), "the new worker kills the orphans", 15)
     wait_for(lambda: not runner.scratch.exists(), "the new worker removes the scratch folder")
-    log = (stack.settings.home / "logs" / "pipelines.log").read_text()
-    assert re.search(r"killed: [1-9]\d* transform processes, 1 scratch folders", log)
     finished = wait_for(
         lambda: engine.job(job.id) if engine.job(job.id).state != "running" else None,
         "the resumed job ends",
