@@ -75,7 +75,7 @@ def down(
     ),
 ) -> None:
     """Stop the platform services and the embedded Postgres (an external server is left running).
-    Data stays under the stack home, unless --purge."""
+    The data is kept, unless --purge."""
     stack = cli_context(ctx).stack
     stopped = stack.down()
     console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
