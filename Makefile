@@ -15,7 +15,8 @@ bench: setup
 	cd bench && for b in stack_startup data_put data_pipeline datum_batching data_listing label_load label_sync label_auto; do \
 		../.venv/bin/python $$b.py || exit 1; done
 
-# Stops the local stack and removes its state (databases, logs); the venvs stay.
+# Stops the local stack and removes its state (databases, wherever the cluster lives; logs); the
+# venvs stay.
 clean:
-	-.venv/bin/cdl stack down
+	-.venv/bin/cdl stack down --purge
 	rm -rf .cdl/postgres .cdl/logs .cdl/run .cdl/secrets .cdl/objects .cdl/label-studio

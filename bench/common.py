@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 def throwaway_stack() -> Iterator[Stack]:
     """A running stack in a fresh folder under /tmp, removed afterwards."""
     base = Path(tempfile.mkdtemp(prefix="cdl-bench-"))
-    base.chmod(0o755)
     (base / "cdl.yaml").write_text("stacks:\n  local:\n    home: .cdl\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDL_")}
     stack = Stack(load_settings(base / "cdl.yaml", environ=env))
@@ -36,7 +35,7 @@ def throwaway_stack() -> Iterator[Stack]:
         stack.up()
         yield stack
     finally:
-        stack.down()
+        stack.purge()
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -36,7 +36,6 @@ def main() -> None:
     cold, initdb, warm, stop = [], [], [], []
     for _ in range(args.repeat):
         base = Path(tempfile.mkdtemp(prefix="cdl-bench-"))
-        base.chmod(0o755)
         (base / "cdl.yaml").write_text("stacks:\n  local:\n    home: .cdl\n")
         stack = Stack(load_settings(base / "cdl.yaml", environ={}))
         try:
@@ -46,7 +45,7 @@ def main() -> None:
                 stop.append(timed(stack.down))
                 warm.append(timed(stack.up))
         finally:
-            stack.down()
+            stack.purge()
             shutil.rmtree(base, ignore_errors=True)
 
     figures = {

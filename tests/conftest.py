@@ -1,8 +1,8 @@
 """Fixtures: real embedded Postgres clusters in temporary project folders.
 
-Clusters are created with the same code as `cdl stack up`. Temporary folders live under /tmp with
-mode 755 because, when the tests run as root, Postgres runs as the `postgres` user and must be
-able to enter them (pytest's own tmp_path is private to the invoking user).
+Clusters are created with the same code as `cdl stack up`. Project folders are private (mode 700)
+like a clone under /root: when the tests run as root, each cluster lives under /var/lib/cdl, so
+every fixture deletes its stacks with `purge` (`cdl stack down --purge`), not just its folder.
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_project(config: dict | None = None, name: str = "project") -> Path:
-    """A folder with a cdl.yaml, reachable by the postgres user."""
-    base = Path(tempfile.mkdtemp(prefix="cdl-test-"))
-    base.chmod(0o755)
-    folder = base / name
+    """A folder with a cdl.yaml, in a private temporary folder."""
+    folder = Path(tempfile.mkdtemp(prefix="cdl-test-")) / name
     folder.mkdir()
-    folder.chmod(0o755)
     config = config or {"default_stack": "local", "stacks": {"local": {"home": ".cdl"}}}
     (folder / "cdl.yaml").write_text(yaml.safe_dump(config))
     return folder
@@ -43,7 +40,7 @@ def stack_for(folder: Path, environ: dict | None = None, stack: str | None = Non
 
 def destroy(stack: Stack) -> None:
     try:
-        stack.down()
+        stack.purge()
     finally:
         shutil.rmtree(stack.settings.root.parent, ignore_errors=True)
 
@@ -76,7 +73,7 @@ def project_dir():
     yield factory
     for folder in made:
         if (folder / ".cdl").exists():
-            cdl("stack", "down", cwd=folder)
+            cdl("stack", "down", "--purge", cwd=folder)
         shutil.rmtree(folder.parent, ignore_errors=True)
 
 

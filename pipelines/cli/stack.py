@@ -65,11 +65,22 @@ def up(
 
 
 @app.command()
-def down(ctx: typer.Context) -> None:
+def down(
+    ctx: typer.Context,
+    purge: bool = typer.Option(
+        False,
+        "--purge",
+        help="Also delete the embedded Postgres cluster, every database in it, wherever it lives "
+        "(as root: under /var/lib/cdl). 'make clean' uses it.",
+    ),
+) -> None:
     """Stop the platform services and the embedded Postgres (an external server is left running).
-    Data stays under the stack home."""
-    stopped = cli_context(ctx).stack.down()
+    The data is kept, unless --purge."""
+    stack = cli_context(ctx).stack
+    stopped = stack.down()
     console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    if purge:
+        console.print(stack.purge() or "no embedded Postgres cluster to remove")
 
 
 @app.command()

@@ -1,9 +1,15 @@
-"""Postgres for the platform: an embedded cluster under the stack home, or an external server.
+"""Postgres for the platform: an embedded cluster CDL runs, or an external server.
 
-The embedded cluster is a plain Postgres data directory under `<home>/postgres`, created with
-initdb and run with pg_ctl. Postgres refuses to run as root, so when CDL runs as root both run as
-the `postgres` system user. Clients connect over TCP on 127.0.0.1 with a generated password kept
-in `<home>/secrets` (outside git); a unix socket is also opened for local tools such as psql.
+The embedded cluster is a plain Postgres data directory, created with initdb and run with pg_ctl,
+under `<home>/postgres`. Postgres refuses to run as root, so when CDL runs as root both run as
+the `postgres` system user, and the cluster lives in a folder of its own under /var/lib/cdl
+instead (that user may not be able to enter the project: a clone under /root, a mode-700 folder),
+named in `<home>/postgres/state.json`; `cdl stack down --purge` deletes it wherever it is.
+
+Every connection must give the generated password kept in `<home>/secrets` (outside git):
+pg_hba.conf, rewritten before each start, has no trust lines. Clients connect over TCP on
+127.0.0.1; the unix socket, for local tools such as psql, is in a folder only the server's user
+(and root) can enter.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import pwd
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -35,6 +43,14 @@ SYSTEM_USER = "postgres"
 START_TIMEOUT_S = 60
 # A unix socket path must fit in sockaddr_un (108 bytes, NUL included) with "/.s.PGSQL.NNNNN".
 MAX_SOCKET_DIR_LEN = 107 - len("/.s.PGSQL.65535")
+# Where the clusters of stacks run by root live, one folder each (the postgres user can reach it).
+CLUSTERS = Path("/var/lib/cdl")
+HBA = """\
+# Written by CDL before each start: every connection, over TCP or the unix socket and from any
+# OS user, must give the password (scram-sha-256). There are no trust lines.
+local  all  all                scram-sha-256
+host   all  all  127.0.0.1/32  scram-sha-256
+"""
 
 
 @dataclass(frozen=True)
@@ -127,7 +143,8 @@ def ensure_databases(admin_dsn: str, names: list[str]) -> list[str]:
 class PostgresServer(ABC):
     """The platform's Postgres, as the stack uses it: `up` makes it ready (starting it if CDL
     manages it) and creates the platform databases it lacks, returning their names; `down` stops
-    it if CDL manages it; `status` never raises; `dsn(database)` is the URL of one database.
+    it if CDL manages it; `remove` deletes its data if CDL manages it; `status` never raises;
+    `dsn(database)` is the URL of one database.
     `StackError` (an `Unavailable`) when it cannot be started or reached. Backends are registered
     in pipelines/plugins.py under `postgres`."""
 
@@ -154,6 +171,11 @@ class PostgresServer(ABC):
     @abstractmethod
     def down(self) -> bool:
         """Stop the server if CDL runs it; whether it was running."""
+
+    def remove(self) -> str | None:
+        """Stop the server and delete its data if CDL manages it; say what was removed, or None
+        (nothing to remove, or a server that is not CDL's)."""
+        return None
 
     @abstractmethod
     def status(self) -> ServerStatus: ...
@@ -213,7 +235,7 @@ class ExternalPostgres(PostgresServer):
 
 
 class EmbeddedPostgres(PostgresServer):
-    """A Postgres cluster under `<home>/postgres`, started and stopped by CDL."""
+    """A Postgres cluster started and stopped by CDL, recorded under `<home>/postgres`."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "EmbeddedPostgres":
@@ -225,8 +247,7 @@ class EmbeddedPostgres(PostgresServer):
         self.requested_port = port  # 0: any free port
         self.user = user
         self.databases = databases
-        self.root = home / "postgres"
-        self.data = self.root / "data"
+        self.root = home / "postgres"  # state.json; also the cluster, unless CDL runs as root
         self.state_file = self.root / "state.json"
         self.password_file = home / "secrets" / "postgres-password"
         self.log = home / "logs" / "postgres.log"
@@ -235,12 +256,34 @@ class EmbeddedPostgres(PostgresServer):
     # -- paths and state ---------------------------------------------------------------
 
     @property
+    def cluster(self) -> Path:
+        """The folder Postgres works in: `data/` and `run/` (the socket). As root, a folder of
+        its own under CLUSTERS named in state.json; otherwise, or for a cluster an older CDL made
+        in the project as root (no record), `<home>/postgres`."""
+        recorded = self._state().get("cluster")
+        if not recorded:
+            return self.root
+        path = Path(recorded)
+        # `remove` deletes what the record names: it must be one of CDL's cluster folders.
+        if path.parent != CLUSTERS or path.name == "..":
+            raise StackError(
+                f"{self.state_file} names {path} as the Postgres cluster, not a folder of "
+                f"{CLUSTERS}",
+                f"restore {self.state_file}, or delete it to start over with an empty cluster",
+            )
+        return path
+
+    @property
+    def data(self) -> Path:
+        return self.cluster / "data"
+
+    @property
     def socket_dir(self) -> Path:
-        local = self.root / "run"
+        local = self.cluster / "run"
         if len(str(local)) <= MAX_SOCKET_DIR_LEN:
             return local
         # Deep homes get a short socket folder of their own under /tmp.
-        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(str(self.cluster).encode()).hexdigest()[:12]
         return Path("/tmp") / f"cdl-pg-{digest}"
 
     @property
@@ -252,6 +295,9 @@ class EmbeddedPostgres(PostgresServer):
             return json.loads(self.state_file.read_text())
         except (OSError, ValueError):
             return {}
+
+    def _save_state(self, **changes: object) -> None:
+        self.state_file.write_text(json.dumps({**self._state(), **changes}))
 
     @property
     def port(self) -> int | None:
@@ -285,31 +331,15 @@ class EmbeddedPostgres(PostgresServer):
         argv = [str(a) for a in argv]
         return ["runuser", "-u", SYSTEM_USER, "--", *argv] if self.as_root else argv
 
+    @property
+    def _server_uid(self) -> int:
+        return pwd.getpwnam(SYSTEM_USER).pw_uid if self.as_root else os.geteuid()
+
     def _own(self, *paths: Path) -> None:
         if self.as_root:
             entry = pwd.getpwnam(SYSTEM_USER)
             for path in paths:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
-
-    def _check_reachable(self, folder: Path) -> None:
-        """As root, the postgres user must be able to enter every parent of the cluster."""
-        if not self.as_root:
-            return
-        probe = subprocess.run(self._cmd("test", "-w", folder), capture_output=True)
-        if probe.returncode == 0:
-            return
-        blocked = next(
-            (
-                p
-                for p in reversed([folder, *folder.parents])
-                if subprocess.run(self._cmd("test", "-x", p), capture_output=True).returncode != 0
-            ),
-            folder,
-        )
-        raise StackError(
-            f"the '{SYSTEM_USER}' user that runs Postgres cannot enter {blocked}",
-            f"run 'chmod o+x {blocked}' or set the stack home (CDL_HOME) to a folder it can reach",
-        )
 
     def _run(self, *argv: str | Path, what: str) -> subprocess.CompletedProcess:
         result = subprocess.run(self._cmd(*argv), capture_output=True, text=True)
@@ -323,6 +353,22 @@ class EmbeddedPostgres(PostgresServer):
 
     # -- lifecycle ---------------------------------------------------------------------
 
+    def _make_cluster(self) -> Path:
+        """The cluster folder, private to the user Postgres runs as. As root that user may not be
+        able to enter the project (a clone under /root, a mode-700 folder), so the cluster gets a
+        folder under CLUSTERS, recorded in state.json so that later commands find it."""
+        cluster = self.cluster
+        if self.as_root and cluster == self.root:
+            CLUSTERS.mkdir(mode=0o711, parents=True, exist_ok=True)
+            cluster = Path(tempfile.mkdtemp(prefix="pg-", dir=CLUSTERS))
+            # So that a folder whose project is gone can be traced back to it.
+            (cluster / "project").write_text(f"{self.home.resolve()}\n")
+            self._save_state(cluster=str(cluster))
+        cluster.mkdir(parents=True, exist_ok=True)  # a recorded folder deleted by hand
+        self._own(cluster)
+        cluster.chmod(0o700)
+        return cluster
+
     def init(self) -> str | None:
         """initdb once; a crash half-way leaves only a temporary folder, removed on the next try."""
         if self.initialized:
@@ -331,18 +377,16 @@ class EmbeddedPostgres(PostgresServer):
         for folder in (self.root, self.log.parent, self.password_file.parent):
             folder.mkdir(parents=True, exist_ok=True)
         self.password_file.parent.chmod(0o700)
-        self._own(self.root)
-        self._check_reachable(self.root)
-
         if not self.password_file.exists():
             fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_urlsafe(24))
-        staging = self.root / "data.initdb"
+        cluster = self._make_cluster()
+        staging = cluster / "data.initdb"
         shutil.rmtree(staging, ignore_errors=True)
         if self.data.exists():  # left by an old crash: no PG_VERSION, so nothing usable
             shutil.rmtree(self.data)
-        pwfile = self.root / ".initdb-password"
+        pwfile = cluster / ".initdb-password"
         pwfile.write_text(self.password)
         pwfile.chmod(0o600)
         self._own(pwfile)
@@ -356,8 +400,7 @@ class EmbeddedPostgres(PostgresServer):
                 "-E",
                 "UTF8",
                 "--locale=C",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
+                "--auth=scram-sha-256",
                 f"--pwfile={pwfile}",
                 what="initdb",
             )
@@ -407,11 +450,36 @@ class EmbeddedPostgres(PostgresServer):
             return remembered  # keep the address stable across restarts when possible
         return free_port()
 
+    def _make_socket_dir(self) -> Path:
+        """The socket folder, which only the server's user (and root) may enter: any other OS
+        user has TCP and the password, like CDL itself."""
+        folder = self.socket_dir
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (os.geteuid(), self._server_uid):
+            raise StackError(
+                f"the Postgres socket folder {folder} belongs to another user",
+                f"remove {folder}, or give the stack a shorter home path",
+            )
+        self._own(folder)
+        folder.chmod(0o700)
+        return folder
+
+    def _write_hba(self) -> bool:
+        """Write CDL's pg_hba.conf; whether it changed."""
+        path = self.data / "pg_hba.conf"
+        try:
+            if path.read_text() == HBA:
+                return False
+        except OSError:
+            pass
+        path.write_text(HBA)
+        path.chmod(0o600)
+        self._own(path)
+        return True
+
     def _write_runtime_conf(self, port: int) -> None:
-        socket_dir = self.socket_dir
-        socket_dir.mkdir(parents=True, exist_ok=True)
-        self._own(socket_dir)
-        quoted_socket = str(socket_dir).replace("'", "''")
+        quoted_socket = str(self._make_socket_dir()).replace("'", "''")
         (self.data / "cdl.conf").write_text(
             f"port = {port}\n"
             "listen_addresses = '127.0.0.1'\n"
@@ -419,6 +487,26 @@ class EmbeddedPostgres(PostgresServer):
             "max_connections = 200\n"
         )
         self._own(self.data / "cdl.conf")
+        self._write_hba()
+
+    def _reload(self) -> None:
+        """Make the running server read its configuration again, and wait until new connections
+        see it (a reload is only a signal)."""
+
+        def load_time():
+            with psycopg.connect(self.dsn("postgres"), autocommit=True, connect_timeout=5) as c:
+                return c.execute("SELECT pg_conf_load_time()").fetchone()[0]
+
+        before = load_time()
+        with psycopg.connect(self.dsn("postgres"), autocommit=True, connect_timeout=5) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while load_time() == before:
+            if time.monotonic() > deadline:
+                raise StackError(
+                    "Postgres did not reload its configuration", f"restart it; see {self.log}"
+                )
+            time.sleep(0.05)
 
     def start(self) -> bool:
         """Start the cluster if it is not running; True if it was started now."""
@@ -429,24 +517,20 @@ class EmbeddedPostgres(PostgresServer):
         port = self._choose_port()
         self._write_runtime_conf(port)
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.log.touch()
-        self._own(self.log)
         for attempt in range(10):
-            result = subprocess.run(
-                self._cmd(
-                    bindir / "pg_ctl",
-                    "-D",
-                    self.data,
-                    "-l",
-                    self.log,
-                    "-w",
-                    "-t",
-                    str(START_TIMEOUT_S),
-                    "start",
-                ),
-                capture_output=True,
-                text=True,
-            )
+            # The server writes to a log CDL opens: the postgres user may not reach the project.
+            log_fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                result = subprocess.run(
+                    self._cmd(
+                        bindir / "pg_ctl", "-D", self.data, "-w", "-t", START_TIMEOUT_S, "start"
+                    ),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=subprocess.STDOUT,
+                )
+            finally:
+                os.close(log_fd)
             if result.returncode == 0:
                 break
             # After a crash, orphaned backends may still hold the old shared memory for a moment.
@@ -458,12 +542,16 @@ class EmbeddedPostgres(PostgresServer):
                 f"{log_tail(self.log)}",
                 f"read {self.log}; if the data folder is damaged, stop and move {self.data} away",
             )
-        self.state_file.write_text(json.dumps({"port": port}))
+        self._save_state(port=port)
         return True
 
     def up(self) -> list[str]:
         self.init()
-        self.start()
+        if not self.start():
+            # Already running, perhaps started by an older CDL that trusted local connections.
+            self._make_socket_dir()
+            if self._write_hba():
+                self._reload()
         return ensure_databases(self.dsn("postgres"), list(self.databases.model_dump().values()))
 
     def down(self) -> bool:
@@ -481,6 +569,19 @@ class EmbeddedPostgres(PostgresServer):
             what="pg_ctl stop",
         )
         return True
+
+    def remove(self) -> str | None:
+        """Stop the cluster, then delete it (every database) and its record."""
+        if not self.root.exists():
+            return None
+        cluster, socket_dir = self.cluster, self.socket_dir
+        self.down()
+        if socket_dir.parent != cluster:  # the short one under /tmp
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        if cluster.exists():
+            shutil.rmtree(cluster)
+        shutil.rmtree(self.root, ignore_errors=True)
+        return f"removed the Postgres cluster in {cluster}"
 
     def status(self) -> ServerStatus:
         pid = self.running_pid()

@@ -128,6 +128,13 @@ class Stack:
                 stopped.append("postgres")
         return stopped
 
+    def purge(self) -> str | None:
+        """Stop the stack and delete the embedded Postgres cluster (every database), wherever it
+        lives; say what was removed. An external server is never touched."""
+        self.down()
+        with self._lock():
+            return self.postgres.remove()
+
     def status(self) -> list[ComponentStatus]:
         pg = self.postgres.status()
         rows = [

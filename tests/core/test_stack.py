@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.core import migrations
 from pipelines.core.errors import StackError
-from pipelines.core.postgres import port_is_free
+from pipelines.core.postgres import MAX_SOCKET_DIR_LEN, port_is_free
 
 
 def wait_gone(pid: int, timeout: float = 10) -> None:
@@ -141,7 +141,7 @@ def test_remembered_port_taken_moves_to_a_free_one(project_factory):
 def test_home_on_a_path_with_spaces(project_factory):
     stack = project_factory(name="my project (copy)")
     stack.up()
-    assert " " in str(stack.postgres.data)
+    assert " " in str(stack.settings.home)  # and in the cluster's path unless run as root
     assert stack.status()[0].healthy
     put_marker(stack, "spaces ok")
     assert markers(stack) == ["spaces ok"]
@@ -151,32 +151,27 @@ def test_deep_home_gets_a_short_socket_folder(project_factory):
     deep = {"stacks": {"local": {"home": "/".join(["deep-folder-name"] * 8)}}}
     stack = project_factory(deep)
     stack.up()
-    assert stack.postgres.socket_dir.parent.as_posix() == "/tmp"
+    socket_dir = stack.postgres.socket_dir
+    assert len(str(socket_dir)) <= MAX_SOCKET_DIR_LEN
+    if os.geteuid() != 0:  # as root the cluster, socket included, is under /var/lib/cdl anyway
+        assert socket_dir.parent.as_posix() == "/tmp"
+    assert any(p.name.startswith(".s.PGSQL.") for p in socket_dir.iterdir())
     assert stack.status()[0].healthy
+    stack.purge()
+    assert not socket_dir.exists()
 
 
 def test_interrupted_initdb_is_redone(project_factory):
     stack = project_factory()
-    leftover = stack.postgres.root / "data.initdb"
-    leftover.mkdir(parents=True)
+    stack.postgres.init()
+    # initdb writes to a staging folder; a crash leaves it half-written and no data folder.
+    leftover = stack.postgres.cluster / "data.initdb"
+    stack.postgres.data.rename(leftover)
     (leftover / "half-written").write_text("x")
-    stack.up()
+    assert not stack.postgres.initialized
+    assert any("initialised Postgres cluster" in line for line in stack.up())
     assert not leftover.exists()
     assert stack.status()[0].healthy
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the cluster to the postgres user")
-def test_home_the_postgres_user_cannot_enter(project_factory):
-    stack = project_factory()
-    private = stack.settings.root
-    private.chmod(0o700)
-    try:
-        with pytest.raises(StackError) as err:
-            stack.up()
-    finally:
-        private.chmod(0o755)
-    assert f"cannot enter {private}" in str(err.value)
-    assert "chmod o+x" in err.value.fix
 
 
 def test_external_dsn_is_used_as_is(shared_stack, project_factory):
