@@ -9,7 +9,6 @@ labels repo, then loads the annotations into the label store in one transaction.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Collection
@@ -21,7 +20,7 @@ from pipelines.data.labeling import rows
 from pipelines.data.labeling.client import LabelStudioClient
 from pipelines.data.labeling.predictor import Predictor
 from pipelines.data.labeling.server import LabelStudioServer
-from pipelines.data.labeling.spec import UseCase
+from pipelines.data.labeling.spec import SNAPSHOT_NAME, UseCase
 from pipelines.data.labeling.store import LabelStore
 from pipelines.data.labeling.webhooks import (
     WEBHOOK_ACTIONS,
@@ -292,7 +291,7 @@ class Labeling:
 
     def snapshot(self, name: str) -> int:
         """Freeze the current labels as snapshot `name`; return its row count."""
-        if not re.fullmatch(r"[a-zA-Z0-9_.-]{1,63}", name):
+        if not SNAPSHOT_NAME.fullmatch(name):
             raise Invalid(
                 f"'{name}' is not a valid snapshot name", "use letters, digits, '.', '-' or '_'"
             )

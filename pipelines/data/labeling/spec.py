@@ -4,6 +4,7 @@ and how labels are split into train and test."""
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipelines.core.errors import Invalid, NotFound
 
 USE_CASES = Path(__file__).resolve().parents[3] / "use_cases"
+# What `cdl label snapshot NAME` accepts; experiment specs name snapshots the same way.
+SNAPSHOT_NAME = re.compile(r"[a-zA-Z0-9_.-]{1,63}")
 
 
 class SourceSpec(BaseModel):
