@@ -37,6 +37,15 @@ PLUGINS: dict[str, dict[str, str]] = {
         "local": "pipelines.data.engine:PipelineEngine",
         "pachyderm": "pipelines.data.pachyderm:PachydermPipelines",
     },
+    # Hyperparameter searches and their trials (port: model/experiments.py ExperimentEngine).
+    "experiments": {
+        "local": "pipelines.model.search:LocalExperiments",
+    },
+    # Not an engine but a use case: the Trainer (port: model/trainer.py) of each use case.
+    "trainer": {
+        "bbc_news": "pipelines.model.trainers.bbc_news:BBCNewsTrainer",
+        "fashion_mnist": "pipelines.model.trainers.fashion_mnist:FashionMNISTTrainer",
+    },
 }
 
 # The packages that run supervised services: each has `services(stack) -> list[Service]`.
@@ -45,6 +54,11 @@ SERVICE_PROVIDERS = ("pipelines.core.events", "pipelines.data.services")
 
 def engines(concern: str) -> tuple[str, ...]:
     return tuple(PLUGINS[concern])
+
+
+def target(concern: str, engine: str) -> str | None:
+    """The "module:Class" registered for `engine` under `concern`, without importing it."""
+    return PLUGINS.get(concern, {}).get(engine)
 
 
 def backend_class(concern: str, engine: str) -> Any:

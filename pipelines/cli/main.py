@@ -13,6 +13,7 @@ from pipelines.cli import config as config_cli
 from pipelines.cli import data as data_cli
 from pipelines.cli import demo as demo_cli
 from pipelines.cli import events as events_cli
+from pipelines.cli import experiment as experiment_cli
 from pipelines.cli import label as label_cli
 from pipelines.cli import lineage as lineage_cli
 from pipelines.cli import stack as stack_cli
@@ -37,6 +38,7 @@ app.add_typer(data_cli.app, name="data")
 app.add_typer(label_cli.app, name="label")
 app.add_typer(lineage_cli.app, name="lineage")
 app.add_typer(events_cli.app, name="events")
+app.add_typer(experiment_cli.app, name="experiment")
 app.command("demo")(demo_cli.demo)
 
 

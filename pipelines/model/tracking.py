@@ -8,6 +8,8 @@ instead, for a team.
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 
 from pipelines.core import db
@@ -75,3 +77,27 @@ def experiment_id(stack: Stack, name: str) -> str:
         if found is None:
             raise
         return found.experiment_id
+
+
+def start_run(
+    tracker, experiment: str, name: str, tags: dict[str, str], params: dict | None = None
+) -> str:
+    """A new run (nested when `tags` name an `mlflow.parentRunId`) with its params; its id."""
+    from mlflow.entities import Param
+
+    run = tracker.create_run(experiment, run_name=name, tags=tags)
+    if params:
+        tracker.log_batch(
+            run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()]
+        )
+    return run.info.run_id
+
+
+def log_metrics(tracker, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """One epoch's metrics in one call (one `log_batch`, not a call per metric)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    tracker.log_batch(
+        run_id, metrics=[Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+    )
