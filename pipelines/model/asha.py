@@ -4,9 +4,10 @@ Pure functions of a spec, no stack: the local engine (search.py) builds these in
 
 Sampling: `random`, `single` and the halving searchers draw every hyperparameter at random
 (`RandomSampler`), `grid` walks Determined's grid (`GridSampler` over `grid_values`: `count`
-evenly spaced values of an int/double/log range, every value of a categorical). The sampler of a
-trial is seeded with the experiment's seed plus the trial's number, so that workers in other
-processes draw different trials and a rerun draws the same ones.
+evenly spaced values of an int/double/log range, every value of a categorical), trial n taking
+point n of the grid as shuffled by the experiment's seed. A random trial's sampler is seeded with
+the experiment's seed plus the trial's number, so that workers in other processes draw different
+trials and a rerun draws the same ones.
 
 Early stopping: `async_halving` and `adaptive_asha` are asynchronous successive halving (ASHA)
 in brackets, as Determined 0.38 plans them (master/pkg/searcher/adaptive_asha.go, asha.go):
@@ -146,7 +147,8 @@ def sampler(spec: ExperimentSpec, seed: int, trial_number: int) -> optuna.sample
             for name, leaf in search_space(spec).items()
             if name not in BUDGET_KEYS and not isinstance(leaf, ConstHyperparameter)
         }
-        return optuna.samplers.GridSampler(space, seed=trial_seed)
+        # Trial n takes point n of the grid as shuffled by the seed: one seed for every trial.
+        return optuna.samplers.GridSampler(space, seed=seed % 2**32)
     return optuna.samplers.RandomSampler(seed=trial_seed)
 
 

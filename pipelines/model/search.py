@@ -530,6 +530,9 @@ class _Context:
     def tell(self, optuna_number: int, state: str, value: float | None = None) -> None:
         import optuna
 
+        # The grid sampler's after_trial stops an `optimize` loop when the grid is done, and
+        # raises outside one: telling needs no sampler, so tell with a neutral one.
+        self.study.sampler = optuna.samplers.RandomSampler()
         try:
             retry(
                 lambda: self.study.tell(
