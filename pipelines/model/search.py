@@ -195,6 +195,17 @@ class LocalExperiments(ExperimentEngine):
     # -- submit -------------------------------------------------------------------------------
 
     def submit(self, spec_path: Path, attached: bool = False) -> Submission:
+        submission = self.record(spec_path)
+        experiment = submission.experiment
+        try:
+            self._start_workers(experiment.id, experiment.workers, attached)
+        except BaseException as exc:
+            self.store.fail(experiment.id, f"its workers could not start: {db.first_line(exc)}")
+            raise
+        return submission
+
+    def record(self, spec_path: Path) -> Submission:
+        """Everything `submit` does but start workers (run `worker` to run its trials)."""
         spec = load_experiment(spec_path)
         data = spec.data
         extra = data.model_extra or {}
@@ -266,7 +277,6 @@ class LocalExperiments(ExperimentEngine):
                 },
             )
             self.store.set_mlflow_run(experiment_id, run)
-            self._start_workers(experiment_id, workers, attached)
         except BaseException as exc:
             self.store.fail(experiment_id, f"submit failed: {db.first_line(exc)}")
             raise
