@@ -239,6 +239,8 @@ def test_bbc_trains_data_parallel_on_two_processes(bbc_features, tmp_path):
 
 
 def test_bbc_divergence_fails_the_trial(bbc_features, tmp_path):
+    with pytest.raises(Invalid, match="bbc_news has no hyperparameter\\(s\\) layers"):
+        trainer_class("bbc_news")({"layers": 3}, bbc_features, Resources())
     trainer = trainer_class("bbc_news")(
         {**BBC_HPARAMS, "learning_rate": 1e10}, bbc_features, Resources(), seed=1
     )
