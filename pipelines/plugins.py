@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from pipelines.core.errors import Unsupported
+from pipelines.core.errors import NotFound, Unsupported
 
 PLUGINS: dict[str, dict[str, str]] = {
     # Where the platform's Postgres comes from: a cluster under the stack home, or a DSN.
@@ -41,7 +41,8 @@ PLUGINS: dict[str, dict[str, str]] = {
     "experiments": {
         "local": "pipelines.model.search:LocalExperiments",
     },
-    # Not an engine but a use case: the Trainer (port: model/trainer.py) of each use case.
+    # A use case's model: preprocessing, training, the saved model (port: model/trainer.py
+    # Trainer). Keyed by use case, not engine: each use case has its one trainer.
     "trainer": {
         "bbc_news": "pipelines.model.trainers.bbc_news:BBCNewsTrainer",
         "fashion_mnist": "pipelines.model.trainers.fashion_mnist:FashionMNISTTrainer",
@@ -73,6 +74,17 @@ def backend_class(concern: str, engine: str) -> Any:
         ) from None
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def trainer_class(use_case: str) -> Any:
+    """The Trainer class of a use case, imported now (with its framework: torch, keras)."""
+    target = PLUGINS["trainer"].get(use_case)
+    if target is None:
+        raise NotFound(
+            f"no trainer for use case '{use_case}' (known: {', '.join(PLUGINS['trainer'])})",
+            "add one to the `trainer` table in pipelines/plugins.py",
+        )
+    return load(target)
 
 
 def load(path: str) -> Any:

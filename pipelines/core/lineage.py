@@ -1,6 +1,7 @@
-"""Lineage: typed nodes (dataset commits, label snapshots, runs, model versions, deployments,
-prediction batches, pipeline jobs) and the edges between them, so that for any node one query
-returns everything upstream of it (what it was made from) or downstream (what was made from it).
+"""Lineage: typed nodes (dataset commits, label snapshots, features, runs, model versions,
+deployments, prediction batches, pipeline jobs) and the edges between them, so that for any node
+one query returns everything upstream of it (what it was made from) or downstream (what was made
+from it).
 
 Node ids are '<kind>:<key>', e.g. 'dataset_commit:bbc_raw@5d41402a', 'model_version:bbc/3'.
 Recording is idempotent: the same node or edge recorded twice is stored once.
@@ -27,6 +28,7 @@ class Kind(str, Enum):
     MODEL_VERSION = "model_version"
     DEPLOYMENT = "deployment"
     PREDICTION_BATCH = "prediction_batch"
+    FEATURES = "features"  # a snapshot's preprocessed train split (model/features.py)
 
 
 class Relation(str, Enum):

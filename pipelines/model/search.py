@@ -620,7 +620,8 @@ class _Context:
         beat.start()
         try:
             trainer_class, features = self._setup()
-            model = trainer_class(asha.nested(trial.hparams), features, self.resources)
+            seed = (self.seed + trial.number) % 2**31  # the same when the trial resumes
+            model = trainer_class(asha.nested(trial.hparams), features, self.resources, seed)
             model.fit(exp.max_epochs, checkpoints, report)
             reason = beat.reason
             if reason is None:

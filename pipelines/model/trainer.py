@@ -15,6 +15,12 @@ A trainer has two halves, kept apart so that the expensive one runs once per sna
   model that follows the contract in registry.py: serving and evaluation load it from the
   artifact alone, never from the working directory.
 
+Each trainer declares its hyperparameters (`HYPERPARAMETERS`: name, default, what is valid), so
+that an experiment spec can be checked against them before anything runs; `hyperparameters`
+fills in the defaults and refuses unknown names. After each epoch the searcher gets `loss`,
+`val_loss`, `val_accuracy` and `epoch_seconds`, with `epoch` the number of epochs done (1 after the
+first); a loss that is not finite fails the trial (`Invalid`) instead of being reported.
+
 Trainers are registered per use case in the plugin table (pipelines/plugins.py, concern
 `trainer`) and run unchanged inside a Determined trial: this module and the trainers import
 nothing that needs the stack.
@@ -28,6 +34,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
+
+from pipelines.core.errors import Invalid
 
 # What the searcher is told after each epoch; False from it stops training (the trial is pruned
 # or the experiment was killed).
@@ -66,10 +74,115 @@ class Resources:
     gpus: int = 0
 
 
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One hyperparameter a trainer takes: its default, its type, and which values are valid."""
+
+    default: int | float
+    kind: type  # int or float
+    valid: Callable[[float], bool]
+    rule: str  # what `valid` accepts, for error messages: "> 0", "in [0, 1)"
+
+    def check(self, name: str, value: Any) -> int | float:
+        integral = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if integral and self.kind is int and float(value).is_integer():
+            value = int(value)
+        elif integral and self.kind is float:
+            value = float(value)
+        else:
+            wanted = "an integer" if self.kind is int else "a number"
+            raise Invalid(
+                f"hyperparameter {name}={value!r} is not {wanted}", f"{name} must be {self.rule}"
+            )
+        if not self.valid(value):
+            raise Invalid(
+                f"hyperparameter {name}={value} is out of range", f"{name} must be {self.rule}"
+            )
+        return value
+
+
+def split_validation(
+    files: list[LabeledFile], seed: int, fraction: float
+) -> tuple[list[LabeledFile], list[LabeledFile], dict[str, Any]]:
+    """(train, validation, record): a validation split carved out of the train split, stratified
+    by label and fixed by `seed` (whatever order the files come in); the record says how, and
+    which sources went to validation, so that the carve can be checked and repeated."""
+    if not 0 < fraction < 1:
+        raise Invalid(f"validation fraction {fraction} is not in (0, 1)", "use e.g. 0.2")
+    by_label: dict[str, list[LabeledFile]] = {}
+    for item in sorted(files, key=lambda f: f.source):
+        by_label.setdefault(item.label, []).append(item)
+    rng = np.random.default_rng(seed)
+    train: list[LabeledFile] = []
+    val: list[LabeledFile] = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        order = rng.permutation(len(group))
+        held = round(fraction * len(group)) if len(group) > 1 else 0
+        val += [group[i] for i in order[:held]]
+        train += [group[i] for i in order[held:]]
+    if not train or not val:
+        raise Invalid(
+            f"{len(files)} labeled file(s) are too few to carve a validation split from",
+            "label more files before training",
+        )
+    record = {
+        "seed": seed,
+        "fraction": fraction,
+        "stratified_by": "label",
+        "train": len(train),
+        "val": len(val),
+        "val_sources": sorted(f.source for f in val),
+    }
+    return train, val, record
+
+
+def checkpoint_name(epoch: int, suffix: str) -> str:
+    """The checkpoint of the state after `epoch` epochs: epoch-0003.ckpt, epoch-0003.keras."""
+    return f"epoch-{epoch:04d}{suffix}"
+
+
+def last_checkpoint(folder: Path, suffix: str) -> tuple[int, Path | None]:
+    """(epochs done, its checkpoint) of the newest checkpoint in `folder`; (0, None) if none.
+    Checkpoints are written under another name and renamed, so one that is found is whole."""
+    found = []
+    for path in folder.glob(f"epoch-*{suffix}"):
+        number = path.name.removeprefix("epoch-").removesuffix(suffix)
+        if number.isdigit():
+            found.append((int(number), path))
+    return max(found) if found else (0, None)
+
+
+def check_finite(epoch: int, metrics: Mapping[str, float]) -> None:
+    """Refuse an epoch whose metrics are NaN or infinite: training diverged."""
+    bad = sorted(name for name, value in metrics.items() if not np.isfinite(value))
+    if bad:
+        shown = ", ".join(f"{name}={metrics[name]}" for name in bad)
+        raise Invalid(
+            f"training diverged in epoch {epoch}: {shown}",
+            "lower learning_rate (or the search range of it)",
+        )
+
+
 class Trainer(ABC):
     use_case: ClassVar[str]  # e.g. bbc_news
     task: ClassVar[str]  # text | image: the model contract's input (registry.py)
     PREPROCESSING_VERSION: ClassVar[str]  # change it whenever featurize changes its output
+    HYPERPARAMETERS: ClassVar[Mapping[str, Hyperparameter]]
+
+    @classmethod
+    def hyperparameters(cls, given: Mapping[str, Any]) -> dict[str, int | float]:
+        """`given` checked against HYPERPARAMETERS, with defaults for the missing ones."""
+        unknown = sorted(set(given) - set(cls.HYPERPARAMETERS))
+        if unknown:
+            raise Invalid(
+                f"{cls.use_case} has no hyperparameter(s) {', '.join(unknown)}",
+                f"use {', '.join(cls.HYPERPARAMETERS)}",
+            )
+        return {
+            name: spec.check(name, given[name]) if name in given else spec.default
+            for name, spec in cls.HYPERPARAMETERS.items()
+        }
 
     @classmethod
     @abstractmethod
@@ -77,13 +190,22 @@ class Trainer(ABC):
         """The train split's features, with a validation split carved out of it (seeded)."""
 
     @abstractmethod
-    def __init__(self, hparams: Mapping[str, Any], features: Features, resources: Resources):
-        """A model built from one trial's hyperparameters."""
+    def __init__(
+        self,
+        hparams: Mapping[str, Any],
+        features: Features,
+        resources: Resources,
+        seed: int = 0,
+    ):
+        """A model built from one trial's hyperparameters (checked by `hyperparameters`:
+        `Invalid` for unknown names or bad values), initialised from `seed`."""
 
     @abstractmethod
     def fit(self, max_epochs: int, checkpoints: Path, report: EpochReport) -> int:
         """Train until `max_epochs` epochs are done or `report` says stop, resuming after the
-        last epoch checkpointed in `checkpoints` if any; return the number of epochs done."""
+        last epoch checkpointed in `checkpoints` if any; return the number of epochs done.
+        Each epoch is checkpointed before it is reported. With `resources.slots > 1` training is
+        data-parallel and only the first process reports; a non-finite loss raises `Invalid`."""
 
     @abstractmethod
     def save_model(self, folder: Path) -> None:

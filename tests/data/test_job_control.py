@@ -115,6 +115,9 @@ def test_a_killed_workers_job_is_resumed_once_and_its_leftovers_removed(stack, t
     orphans = transforms_of(token)
     assert orphans, "the transform outlives a worker killed outright"
     assert runner.scratch.exists()
+    status = cdl("stack", "status", cwd=stack.settings.root)
+    assert status.returncode == 1
+    assert f"job {job.id[:12]}" in status.stdout and "orphaned" in status.stdout, status.stdout
     with stack.connect() as conn:
         done_before = {
             r[0]

@@ -44,7 +44,7 @@ class ToyTrainer(Trainer):
             validation={"seed": seed},
         )
 
-    def __init__(self, hparams, features, resources):
+    def __init__(self, hparams, features, resources, seed: int = 0):
         self.hparams = dict(hparams)
         self.lr = float(hparams["learning_rate"])
         self.features = features

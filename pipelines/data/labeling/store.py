@@ -4,6 +4,9 @@
 every annotation (a deleted one gets a last version marked deleted), `labels_current` is the
 latest live version of each; `label_splits` fixes each file's split for ever; snapshots
 (`label_snapshots`, `label_snapshot_rows`) are named, immutable copies that training reads.
+
+Training reads a snapshot's train split as `cdl_scientist` (`train_rows`), a role that cannot
+read test labels (migrations 0006 and 0009); only evaluation reads the test split.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
+import psycopg
 from psycopg.rows import dict_row
 
 from pipelines.core import db, lineage
-from pipelines.core.errors import AlreadyExists, NotFound
+from pipelines.core.errors import AlreadyExists, NotFound, Unavailable
 from pipelines.core.stack import Stack
 from pipelines.data.backend import Commit, FileEntry
 from pipelines.data.labeling.spec import UseCase
@@ -265,4 +269,34 @@ class LabelStore:
                    FROM label_snapshot_rows WHERE use_case = %s AND snapshot = %s
                    AND (%s::text IS NULL OR split = %s) ORDER BY source""",
                 [self.case.name, name, split, split],
+            ).fetchall()
+
+    def train_rows(self, snapshot: str) -> list[tuple[str, str]]:
+        """(source, label) of each row of a snapshot's train split, by source: read as the
+        `cdl_scientist` role, through the `snapshot_train` view, so that training cannot see a
+        test label even by mistake."""
+        with self.stack.connect() as conn:
+            try:
+                conn.execute("SET LOCAL ROLE cdl_scientist")
+            except (
+                psycopg.errors.InsufficientPrivilege,
+                psycopg.errors.InvalidParameterValue,
+            ) as exc:
+                raise Unavailable(
+                    f"cannot read labels as cdl_scientist: {db.first_line(exc)}",
+                    "create the role (migration 0006) and grant it to the CDL database user",
+                ) from exc
+            known = conn.execute(
+                "SELECT 1 FROM label_snapshots WHERE use_case = %s AND name = %s",
+                [self.case.name, snapshot],
+            ).fetchone()
+            if not known:
+                raise NotFound(
+                    f"no snapshot {self.case.name}/{snapshot}",
+                    f"see 'cdl label snapshot list {self.case.name}'",
+                )
+            return conn.execute(
+                """SELECT source, label FROM snapshot_train
+                   WHERE use_case = %s AND snapshot = %s ORDER BY source""",
+                [self.case.name, snapshot],
             ).fetchall()
