@@ -101,21 +101,26 @@ class LabelStudioClient:
         )
         return list(reply.task_ids or [])
 
-    def tasks(self, project_id: int) -> list[dict]:
-        """Every task of a project: {"id", "total_annotations"}."""
+    def tasks(self, project_id: int, meta: bool = False) -> list[dict]:
+        """Every task of a project: {"id", "total_annotations"}, with `meta` its "meta" too."""
         found = self._call(
             f"list the tasks of project {project_id}",
             lambda o: list(
                 self.sdk.tasks.list(
                     project=project_id,
                     fields="task_only",
-                    include="id,total_annotations",  # not the tasks' data
+                    # not the tasks' data
+                    include="id,total_annotations" + (",meta" if meta else ""),
                     page_size=PAGE_SIZE,
                     request_options=o,
                 )
             ),
         )
-        return [{"id": t.id, "total_annotations": t.total_annotations or 0} for t in found]
+        return [
+            {"id": t.id, "total_annotations": t.total_annotations or 0}
+            | ({"meta": t.meta or {}} if meta else {})
+            for t in found
+        ]
 
     def task(self, task_id: int) -> dict:
         """One task with its predictions and annotations, as Label Studio's JSON."""
