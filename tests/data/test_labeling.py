@@ -6,6 +6,7 @@ import json
 import random
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -562,6 +563,38 @@ def test_label_studio_down_is_a_clear_error():
     with pytest.raises(CDLError, match=r"does not answer .* after 3 tries") as err:
         client.projects()
     assert "stack up --with label-studio" in err.value.fix
+
+
+def test_a_lost_answer_to_an_import_is_not_sent_again():
+    """A server that takes a request and dies before answering may have done it: a read is
+    tried again, an import is not (its files would become tasks twice), and says so."""
+    requests = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def take_and_drop() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            requests.append(conn.recv(65536).split(b" ", 2)[:2])
+            conn.close()  # no answer
+
+    threading.Thread(target=take_and_drop, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    client = LabelStudioClient(url, "0" * 40, retries=2, backoff_s=0.01)
+    try:
+        with pytest.raises(CDLError, match="does not answer .* after 3 tries"):
+            client.projects()
+        assert len(requests) == 3
+        with pytest.raises(CDLError, match="took no answer back .* may or may not") as err:
+            client.import_tasks(1, [{"data": {"text": "x"}}])
+        assert len(requests) == 4 and requests[-1][0] == b"POST"
+        assert "run the command again" in err.value.fix
+    finally:
+        server.close()
 
 
 def idx(dims, payload: bytes) -> bytes:
