@@ -312,7 +312,7 @@ def final_state(stack: Stack, work: Work) -> dict:
         )
     tasks = labeling.client.tasks(labeling.project())
     state["Label Studio tasks by annotations"] = dict(
-        sorted(Counter(t["total_annotations"] for t in tasks).items())
+        sorted(Counter(t["annotations"] for t in tasks).items())
     )
     return json.loads(json.dumps(state, default=list))
 

@@ -84,6 +84,12 @@ def test_sync_auto_export_snapshot(lab, tmp_path):
     assert source.startswith("bbc-validate@") and ":/valid/" in source
 
     assert labeling.auto_annotate() == len(valid)
+    # Label Studio's per-task counter lags its annotations when its database goes away between
+    # the two writes: a second run must still see the annotations and make no more.
+    label_studio_db = stack.dsn(stack.settings.stack.postgres.databases.label_studio)
+    with psycopg.connect(label_studio_db, autocommit=True) as conn:
+        conn.execute("UPDATE task SET total_annotations = 0")
+    assert labeling.auto_annotate() == 0
     # The webhook receiver may have exported some already; this export loads the rest.
     result = labeling.export()
     assert (result.rows, result.problems) == (len(valid), [])

@@ -122,22 +122,24 @@ class LabelStudioClient:
         return list(reply.task_ids or [])
 
     def tasks(self, project_id: int, meta: bool = False) -> list[dict]:
-        """Every task of a project: {"id", "total_annotations"}, with `meta` its "meta" too."""
+        """Every task of a project: {"id", "annotations"} (how many it has), with `meta` its
+        "meta" too. The count is of the annotations themselves, not the task's
+        `total_annotations` counter, which lags when Label Studio fails between writing
+        annotations and updating it (its database restarting)."""
         found = self._call(
             f"list the tasks of project {project_id}",
             lambda o: list(
                 self.sdk.tasks.list(
                     project=project_id,
-                    fields="task_only",
-                    # not the tasks' data
-                    include="id,total_annotations" + (",meta" if meta else ""),
+                    fields="all",  # the annotations themselves; `include` leaves the data out
+                    include="id,annotations" + (",meta" if meta else ""),
                     page_size=PAGE_SIZE,
                     request_options=o,
                 )
             ),
         )
         return [
-            {"id": t.id, "total_annotations": t.total_annotations or 0}
+            {"id": t.id, "annotations": len(t.annotations or [])}
             | ({"meta": t.meta or {}} if meta else {})
             for t in found
         ]
@@ -236,3 +238,4 @@ class LabelStudioClient:
             ),
             once=True,
         )
+

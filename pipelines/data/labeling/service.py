@@ -195,7 +195,7 @@ class Labeling:
         answers go in as predictions of a one-off model version, then Label Studio's 'Create
         Annotations From Predictions' action turns them into annotations. Return how many."""
         project_id = self.project()
-        done = {t["id"] for t in self.client.tasks(project_id) if t["total_annotations"]}
+        done = {t["id"] for t in self.client.tasks(project_id) if t["annotations"]}
         todo = [(task_id, path) for task_id, path in self.store.tasks() if task_id not in done]
         todo = todo[:limit] if limit is not None else todo
         if not todo:
