@@ -8,7 +8,10 @@ instead, for a team.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
+from typing import Sequence
 
 import psycopg
 
@@ -101,3 +104,74 @@ def log_metrics(tracker, run_id: str, metrics: dict[str, float], step: int) -> N
     tracker.log_batch(
         run_id, metrics=[Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
     )
+
+
+def log_tags(tracker, run_id: str, tags: dict[str, str]) -> None:
+    """Several tags in one call."""
+    from mlflow.entities import RunTag
+
+    tracker.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in sorted(tags.items())])
+
+
+def metric_history(tracker, run_id: str, names: Sequence[str]) -> dict[str, list[tuple]]:
+    """{metric: [(step, value), ...]} of a run, the latest value per step (a resumed trial may
+    have logged an epoch twice)."""
+    found = {}
+    for name in names:
+        by_step = {}
+        for metric in sorted(tracker.get_metric_history(run_id, name), key=lambda m: m.timestamp):
+            by_step[metric.step] = metric.value
+        if by_step:
+            found[name] = sorted(by_step.items())
+    return found
+
+
+def log_training_data(
+    tracker, run_id: str, snapshot: str, rows: Sequence[tuple[str, str]], commits: Sequence[str]
+) -> None:
+    """The training data as MLflow dataset inputs (context `training`), in one call: the label
+    snapshot (`use_case/name`) and each data commit (`repo@commit`) it draws from, each a table
+    of the train split's (source, label) rows, so that its digest and profile follow the rows.
+    File contents are not logged. Runs are then found with `dataset.name = 'bbc_news/first'`."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from pipelines.model.dataset_source import DataCommitSource, LabelSnapshotSource
+
+    table = pd.DataFrame(list(rows), columns=["source", "label"])
+    parts = [(snapshot, LabelSnapshotSource(snapshot), table)]
+    commit_of = table["source"].str.split(":", n=1).str[0]
+    parts += [(c, DataCommitSource(c), table[commit_of == c]) for c in commits]
+    context = [InputTag(MLFLOW_DATASET_CONTEXT, "training")]
+    inputs = [
+        DatasetInput(
+            mlflow.data.from_pandas(
+                frame.reset_index(drop=True), source=source, name=name, targets="label"
+            )._to_mlflow_entity(),
+            tags=context,
+        )
+        for name, source, frame in parts
+    ]
+    tracker.log_inputs(run_id, datasets=inputs)
+
+
+def log_files(tracker, run_id: str, folder: Path, artifact_path: str) -> list[str]:
+    """The files directly in `folder` (not hidden ones: a trainer's half-written checkpoints)
+    as artifacts under `artifact_path`; their names."""
+    names = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            tracker.log_artifact(run_id, str(path), artifact_path)
+            names.append(path.name)
+    return names
+
+
+def log_png(tracker, run_id: str, artifact_file: str, png: bytes) -> None:
+    """PNG bytes as the artifact `artifact_file` (e.g. plots/learning_curves.png)."""
+    folder, _, name = artifact_file.rpartition("/")
+    with tempfile.TemporaryDirectory(prefix="cdl-png-") as scratch:
+        path = Path(scratch) / name
+        path.write_bytes(png)
+        tracker.log_artifact(run_id, str(path), folder or None)
