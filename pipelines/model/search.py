@@ -8,17 +8,17 @@ CPU threads (and a GPU of its own when there are GPUs). Workers on other machine
 same Postgres join with `cdl experiment worker ID`; they need the same code and, to resume each
 other's trials, the same stack home (checkpoints live under `<home>/experiments/<id>/`).
 
-A worker loops: claim a trial (the store decides under the experiment's lock: a trial whose
-runner is gone first, else a new one while fewer than max_trials started), run it, repeat; when
-nothing is left and nothing runs it ends the experiment. A trial trains the Trainer epoch by
-epoch; after each epoch (checkpointed by the trainer) the report logs the epoch's metrics to
-MLflow in one batch, reports the metric to Optuna, records the epoch, and asks the pruner (ASHA,
-asha.py) whether to go on. A heartbeat thread marks the trial's runner alive every second and
-notices a kill. A worker killed outright loses at most the epoch it was in: the trial is resumed
-by any worker, on this machine at once (its pid is dead), from elsewhere once its heartbeat is
-older than LEASE_S, from its checkpoints, in the same Optuna trial and MLflow run, up to
-max_restarts times; then it fails. A worker asked to stop (SIGTERM) releases its trial at the
-end of the epoch, and the next worker resumes it without counting a restart.
+A worker loops: claim a trial (the store decides under the experiment's lock: a trial whose runner
+is gone first, else a new one while fewer than max_trials started), run it, repeat; when nothing is
+left and nothing runs it ends the experiment. A trial trains the Trainer epoch by epoch; after each
+epoch (checkpointed by the trainer) the report hands the epoch's metrics to a thread that logs them
+to MLflow in one batch (training goes on meanwhile), reports the metric to Optuna, records the
+epoch, and asks the pruner (ASHA, asha.py) whether to go on. A heartbeat thread marks the trial's
+runner alive every second and notices a kill. A worker killed outright loses at most the epoch it
+was in: the trial is resumed by any worker, on this machine at once (its pid is dead), from
+elsewhere once its heartbeat is older than LEASE_S, from its checkpoints, in the same Optuna trial
+and MLflow run, up to max_restarts times; then it fails. A worker asked to stop (SIGTERM) releases
+its trial at the end of the epoch, and the next worker resumes it without counting a restart.
 
 Tracking: each trial is an MLflow run nested under the experiment's run, started with its
 hyperparameters as params, the provenance tags (provenance.py: code commit, package versions, data
@@ -54,7 +54,7 @@ from pipelines.core.stack import Stack
 from pipelines.data import processes
 from pipelines.data.labeling.spec import use_case
 from pipelines.data.labeling.store import LabelStore
-from pipelines.model import asha, plots, provenance, tracking
+from pipelines.model import asha, provenance, tracking
 from pipelines.model.experiment_store import Claim, ExperimentStore, NewTrial
 from pipelines.model.experiments import (
     Experiment,
@@ -72,7 +72,7 @@ from pipelines.model.spec import (
     max_epochs,
     parse_experiment,
 )
-from pipelines.model.trainer import Features, Resources, Trainer
+from pipelines.model.trainer import Resources, Trainer
 from pipelines.plugins import load, target
 
 LEASE_S = 30.0  # a running trial whose runner has not beaten for this long is resumed
@@ -82,9 +82,10 @@ STOP_WAIT_S = 10.0  # how long `kill` lets workers end their trials before stopp
 RETRY_FIRST_S, RETRY_MAX_S, RETRY_FOR_S = 1.0, 30.0, 900.0
 FEATURES = "pipelines.model.features:features_for"  # the transformation registry
 WORKER_PREFIX = "experiment-{id}-worker-"
-CHECKPOINT_ARTIFACT = "checkpoint"  # the final checkpoint's files
-LEARNING_CURVES = "plots/learning_curves.png"
-CONFUSION_MATRIX = "plots/confusion_matrix.png"
+# Where a trial's files go in its run (tracking.py).
+CHECKPOINT_ARTIFACT = tracking.CHECKPOINT_ARTIFACT
+LEARNING_CURVES = tracking.LEARNING_CURVES
+CONFUSION_MATRIX = tracking.CONFUSION_MATRIX
 
 
 class TrialError(Exception):
@@ -615,7 +616,7 @@ class _Context:
             value = float(value)
             if not math.isfinite(value):
                 raise TrialError(f"{exp.metric} is {value} at epoch {epoch}")
-            retry(lambda: tracking.log_metrics(self.tracker, run_id, metrics, epoch), say, "MLflow")
+            epoch_log.put(metrics, epoch)
             retry(lambda: optuna_trial.report(value, epoch), say, "Optuna")
             last.update(epoch=epoch, value=value)
             rung = self.plan.rung_of(bracket, epoch)
@@ -635,13 +636,24 @@ class _Context:
                 return False
             return True
 
+        epoch_log = tracking.EpochLog(
+            lambda metrics, epoch: retry(
+                lambda: tracking.log_metrics(self.tracker, run_id, metrics, epoch), say, "MLflow"
+            )
+        )
         beat.start()
         try:
             trainer_class, features = self._setup()
             seed = (self.seed + trial.number) % 2**31  # the same when the trial resumes
             model = trainer_class(asha.nested(trial.hparams), features, self.resources, seed)
-            self._extra("its model tags", lambda: self._tag_model(run_id, model, features))
+            self._extra(
+                "its model tags",
+                lambda: tracking.log_tags(
+                    self.tracker, run_id, tracking.model_tags(model, features)
+                ),
+            )
             model.fit(exp.max_epochs, checkpoints, report)
+            epoch_log.close()  # every epoch's metrics are in MLflow before the trial ends
             reason = beat.reason
             if reason is None:
                 if last["value"] is None:
@@ -650,12 +662,20 @@ class _Context:
                 shutil.rmtree(folder, ignore_errors=True)
                 model.save_model(folder)
                 retry(
-                    lambda: self.tracker.log_artifacts(run_id, str(folder), "model"), say, "MLflow"
+                    lambda: self.tracker.log_artifacts(
+                        run_id, str(folder), tracking.MODEL_ARTIFACT
+                    ),
+                    say,
+                    "MLflow",
                 )
             if reason in (None, "pruned"):
                 self._log_outcome(trial, run_id, model, features, checkpoints, reason is None)
         except Exception as exc:
             beat.done.set()
+            try:
+                epoch_log.close()
+            except Exception:  # the trial fails for `exc` already
+                pass
             error = "".join(traceback.format_exception(exc))
             say(f"{where} failed: {type(exc).__name__}: {exc}")
             self._end(
@@ -752,43 +772,12 @@ class _Context:
             self._run_tags = provenance.tags(code, provenance.package_versions(), commits)
         return self._training_rows or [], self._run_tags
 
-    def _tag_model(self, run_id: str, model: Trainer, features: Features) -> None:
-        tags = {
-            "cdl.features.train_rows": str(len(features.y_train)),
-            "cdl.features.val_rows": str(len(features.y_val)),
-        }
-        if features.origin:
-            tags["cdl.features"] = str(features.origin["key"])
-            tags["cdl.features.bytes"] = str(features.origin["bytes"])
-        count = model.parameter_count()
-        if count is not None:
-            tags["cdl.parameters"] = str(int(count))
-        tracking.log_tags(self.tracker, run_id, tags)
-
     def _log_outcome(self, trial, run_id, model, features, checkpoints, completed) -> None:
-        """The final checkpoint and the learning curves; the validation confusion matrix too
-        when the trial completed (see the module's docstring)."""
         title = f"{self.experiment.name}-{self.experiment.id} trial {trial.number}"
-        self._extra(
-            "its checkpoint",
-            lambda: tracking.log_files(self.tracker, run_id, checkpoints, CHECKPOINT_ARTIFACT),
-        )
-
-        def curves():
-            names = [*plots.LOSSES, plots.ACCURACY]
-            history = tracking.metric_history(self.tracker, run_id, names)
-            png = plots.learning_curves(history, title)
-            tracking.log_png(self.tracker, run_id, LEARNING_CURVES, png)
-
-        def confusion():
-            predictions = model.validation_predictions()
-            if predictions is not None:  # the trainer cannot tell
-                png = plots.confusion_matrix(*predictions, features.labels, title)
-                tracking.log_png(self.tracker, run_id, CONFUSION_MATRIX, png)
-
-        self._extra("its learning curves", curves)
-        if completed:
-            self._extra("its confusion matrix", confusion)
+        for what, call in tracking.outcome_logs(
+            self.tracker, run_id, model, features.labels, checkpoints, completed, title
+        ):
+            self._extra(what, call)
 
     def _extra(self, what: str, call: Callable[[], Any]) -> None:
         """Log something a trial does not need to go on: retried while the database is away,
