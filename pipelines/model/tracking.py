@@ -117,7 +117,8 @@ class EpochLog:
     """A trial's per-epoch metrics sent from a thread of its own, one `send(metrics, epoch)` (a
     `log_metrics`) per epoch, in order, so that training does not wait on the database between
     epochs. `close` waits until all are sent and raises the first error (later ones are not
-    sent); `put` raises it too once it happened."""
+    sent); `put` raises it too once it happened. A process killed outright loses what was not
+    sent yet (at most the last epoch's metrics, tens of ms; its trial log keeps them)."""
 
     def __init__(self, send: Callable[[dict[str, float], int], None]):
         self.send = send
