@@ -50,7 +50,7 @@ PLUGINS: dict[str, dict[str, str]] = {
 }
 
 # The packages that run supervised services: each has `services(stack) -> list[Service]`.
-SERVICE_PROVIDERS = ("pipelines.core.events", "pipelines.data.services")
+SERVICE_PROVIDERS = ("pipelines.core.events", "pipelines.data.services", "pipelines.model.services")
 
 
 def engines(concern: str) -> tuple[str, ...]:

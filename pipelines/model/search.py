@@ -8,17 +8,25 @@ CPU threads (and a GPU of its own when there are GPUs). Workers on other machine
 same Postgres join with `cdl experiment worker ID`; they need the same code and, to resume each
 other's trials, the same stack home (checkpoints live under `<home>/experiments/<id>/`).
 
-A worker loops: claim a trial (the store decides under the experiment's lock: a trial whose
-runner is gone first, else a new one while fewer than max_trials started), run it, repeat; when
-nothing is left and nothing runs it ends the experiment. A trial trains the Trainer epoch by
-epoch; after each epoch (checkpointed by the trainer) the report logs the epoch's metrics to
-MLflow in one batch, reports the metric to Optuna, records the epoch, and asks the pruner (ASHA,
-asha.py) whether to go on. A heartbeat thread marks the trial's runner alive every second and
-notices a kill. A worker killed outright loses at most the epoch it was in: the trial is resumed
-by any worker, on this machine at once (its pid is dead), from elsewhere once its heartbeat is
-older than LEASE_S, from its checkpoints, in the same Optuna trial and MLflow run, up to
-max_restarts times; then it fails. A worker asked to stop (SIGTERM) releases its trial at the
-end of the epoch, and the next worker resumes it without counting a restart.
+A worker loops: claim a trial (the store decides under the experiment's lock: a trial whose runner
+is gone first, else a new one while fewer than max_trials started), run it, repeat; when nothing is
+left and nothing runs it ends the experiment. A trial trains the Trainer epoch by epoch; after each
+epoch (checkpointed by the trainer) the report hands the epoch's metrics to a thread that logs them
+to MLflow in one batch (training goes on meanwhile), reports the metric to Optuna, records the
+epoch, and asks the pruner (ASHA, asha.py) whether to go on. A heartbeat thread marks the trial's
+runner alive every second and notices a kill. A worker killed outright loses at most the epoch it
+was in: the trial is resumed by any worker, on this machine at once (its pid is dead), from
+elsewhere once its heartbeat is older than LEASE_S, from its checkpoints, in the same Optuna trial
+and MLflow run, up to max_restarts times; then it fails. A worker asked to stop (SIGTERM) releases
+its trial at the end of the epoch, and the next worker resumes it without counting a restart.
+
+Tracking: each trial is an MLflow run nested under the experiment's run, started with its
+hyperparameters as params, the provenance tags (provenance.py: code commit, package versions, data
+commits), the label snapshot and its data commits as dataset inputs; once its trainer is built,
+its parameter count and features (`cdl.parameters`, `cdl.features`). A trial that completes
+logs its model (`model`), final checkpoint (`checkpoint/`), learning curves and validation
+confusion matrix (`plots/`); a pruned one its checkpoint and learning curves. These extras are
+best effort: one that cannot be logged is said in the trial's log and the trial goes on.
 
 A trainer that raises, or reports a metric that is missing or not finite, fails its trial with
 the traceback kept (`cdl experiment logs`); the experiment goes on. When Postgres goes away,
@@ -27,6 +35,7 @@ every database, Optuna and MLflow call is retried (one line each time, 1 s doubl
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import random
@@ -45,7 +54,7 @@ from pipelines.core.stack import Stack
 from pipelines.data import processes
 from pipelines.data.labeling.spec import use_case
 from pipelines.data.labeling.store import LabelStore
-from pipelines.model import asha, tracking
+from pipelines.model import asha, provenance, tracking
 from pipelines.model.experiment_store import Claim, ExperimentStore, NewTrial
 from pipelines.model.experiments import (
     Experiment,
@@ -63,7 +72,7 @@ from pipelines.model.spec import (
     max_epochs,
     parse_experiment,
 )
-from pipelines.model.trainer import Resources
+from pipelines.model.trainer import Resources, Trainer
 from pipelines.plugins import load, target
 
 LEASE_S = 30.0  # a running trial whose runner has not beaten for this long is resumed
@@ -73,6 +82,10 @@ STOP_WAIT_S = 10.0  # how long `kill` lets workers end their trials before stopp
 RETRY_FIRST_S, RETRY_MAX_S, RETRY_FOR_S = 1.0, 30.0, 900.0
 FEATURES = "pipelines.model.features:features_for"  # the transformation registry
 WORKER_PREFIX = "experiment-{id}-worker-"
+# Where a trial's files go in its run (tracking.py).
+CHECKPOINT_ARTIFACT = tracking.CHECKPOINT_ARTIFACT
+LEARNING_CURVES = tracking.LEARNING_CURVES
+CONFUSION_MATRIX = tracking.CONFUSION_MATRIX
 
 
 class TrialError(Exception):
@@ -522,6 +535,8 @@ class _Context:
         self.features_path = features or FEATURES
         self._features = None
         self._trainer = None
+        self._run_tags: dict[str, str] | None = None
+        self._training_rows: list[tuple[str, str]] | None = None
         self.mlflow_experiment = tracking.experiment_id(
             engine.stack, registered_name(experiment.use_case)
         )
@@ -559,9 +574,13 @@ class _Context:
 
     # -- running a trial -------------------------------------------------------------------
 
-    def _setup(self):
+    def _trainer_class(self) -> type[Trainer]:
         if self._trainer is None:
             self._trainer = load(self.experiment.trainer)
+        return self._trainer
+
+    def _setup(self):
+        self._trainer_class()
         if self._features is None:
             self._features = load(self.features_path)(
                 self.engine.stack, self.experiment.use_case, self.experiment.snapshot
@@ -597,7 +616,7 @@ class _Context:
             value = float(value)
             if not math.isfinite(value):
                 raise TrialError(f"{exp.metric} is {value} at epoch {epoch}")
-            retry(lambda: tracking.log_metrics(self.tracker, run_id, metrics, epoch), say, "MLflow")
+            epoch_log.put(metrics, epoch)
             retry(lambda: optuna_trial.report(value, epoch), say, "Optuna")
             last.update(epoch=epoch, value=value)
             rung = self.plan.rung_of(bracket, epoch)
@@ -617,12 +636,24 @@ class _Context:
                 return False
             return True
 
+        epoch_log = tracking.EpochLog(
+            lambda metrics, epoch: retry(
+                lambda: tracking.log_metrics(self.tracker, run_id, metrics, epoch), say, "MLflow"
+            )
+        )
         beat.start()
         try:
             trainer_class, features = self._setup()
             seed = (self.seed + trial.number) % 2**31  # the same when the trial resumes
             model = trainer_class(asha.nested(trial.hparams), features, self.resources, seed)
+            self._extra(
+                "its model tags",
+                lambda: tracking.log_tags(
+                    self.tracker, run_id, tracking.model_tags(model, features)
+                ),
+            )
             model.fit(exp.max_epochs, checkpoints, report)
+            epoch_log.close()  # every epoch's metrics are in MLflow before the trial ends
             reason = beat.reason
             if reason is None:
                 if last["value"] is None:
@@ -631,10 +662,20 @@ class _Context:
                 shutil.rmtree(folder, ignore_errors=True)
                 model.save_model(folder)
                 retry(
-                    lambda: self.tracker.log_artifacts(run_id, str(folder), "model"), say, "MLflow"
+                    lambda: self.tracker.log_artifacts(
+                        run_id, str(folder), tracking.MODEL_ARTIFACT
+                    ),
+                    say,
+                    "MLflow",
                 )
+            if reason in (None, "pruned"):
+                self._log_outcome(trial, run_id, model, features, checkpoints, reason is None)
         except Exception as exc:
             beat.done.set()
+            try:
+                epoch_log.close()
+            except Exception:  # the trial fails for `exc` already
+                pass
             error = "".join(traceback.format_exception(exc))
             say(f"{where} failed: {type(exc).__name__}: {exc}")
             self._end(
@@ -690,20 +731,61 @@ class _Context:
 
     def _start_run(self, trial: Trial) -> str:
         exp = self.experiment
+        snapshot = f"{exp.use_case}/{exp.snapshot}"
+        rows, tags = self._provenance()
         run_id = tracking.start_run(
             self.tracker,
             self.mlflow_experiment,
             f"{exp.name}-{exp.id}-trial-{trial.number}",
             {
+                **tags,
                 "mlflow.parentRunId": exp.mlflow_run,
                 "cdl.experiment": str(exp.id),
                 "cdl.trial": str(trial.number),
-                "cdl.snapshot": f"{exp.use_case}/{exp.snapshot}",
+                "cdl.snapshot": snapshot,
             },
             trial.hparams,
         )
         self.store.set_trial_run(exp.id, trial.number, run_id)
+        if rows:
+            commits = tags["cdl.data_commits"].split(",")
+            self._extra(
+                "its training data",
+                lambda: tracking.log_training_data(self.tracker, run_id, snapshot, rows, commits),
+            )
         return run_id
+
+    def _provenance(self) -> tuple[list[tuple[str, str]], dict[str, str]]:
+        """(the snapshot's train rows, the provenance tags), once per worker: the code of the
+        trainer's checkout, the package versions, the data commits of the train rows."""
+        if self._run_tags is None:
+            exp = self.experiment
+            store = LabelStore(self.engine.stack, use_case(exp.use_case))
+            try:
+                rows = retry(lambda: store.train_rows(exp.snapshot), self.say, "reading labels")
+            except Exception as exc:  # features_for will say what is wrong, failing the trial
+                self.say(f"no training data to track: {db.first_line(exc)}")
+                rows = []
+            code = provenance.code_version(Path(inspect.getfile(self._trainer_class())))
+            commits = provenance.data_commits(source for source, _ in rows)
+            self._training_rows = [(source, label) for source, label in rows]
+            self._run_tags = provenance.tags(code, provenance.package_versions(), commits)
+        return self._training_rows or [], self._run_tags
+
+    def _log_outcome(self, trial, run_id, model, features, checkpoints, completed) -> None:
+        title = f"{self.experiment.name}-{self.experiment.id} trial {trial.number}"
+        for what, call in tracking.outcome_logs(
+            self.tracker, run_id, model, features.labels, checkpoints, completed, title
+        ):
+            self._extra(what, call)
+
+    def _extra(self, what: str, call: Callable[[], Any]) -> None:
+        """Log something a trial does not need to go on: retried while the database is away,
+        else said in the trial's log and left out."""
+        try:
+            retry(call, self.say, "MLflow")
+        except Exception as exc:
+            self.say(f"could not log {what}: {type(exc).__name__}: {db.first_line(exc)}")
 
     def _end(self, trial, state, metric, error, text, run_id, status) -> None:
         exp = self.experiment

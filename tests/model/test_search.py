@@ -3,20 +3,26 @@ with the toy trainer (tests/model/toy_trainer.py) on a real label snapshot."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
+import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import httpx
+import mlflow
 import pytest
 import yaml
+from PIL import Image
 
+from pipelines import __version__
 from pipelines.core import events
 from pipelines.core.errors import Invalid, NotFound, Unavailable
 from pipelines.data.labeling.spec import use_case
 from pipelines.data.labeling.store import LabelStore
-from pipelines.model import tracking
+from pipelines.model import search, tracking
 from pipelines.model.experiments import experiment_engine
 from pipelines.model.registry import registered_name
 from pipelines.model.search import LocalExperiments
@@ -147,6 +153,7 @@ def test_asha_search_prunes_finds_a_good_trial_and_tracks_every_epoch(stack):
         assert sorted(m.step for m in history) == list(range(1, trial.epochs + 1))
     artifacts = [a.path for a in tracker.list_artifacts(best.mlflow_run, "model")]
     assert "model/MLmodel" in artifacts
+    check_tracking(stack, tracker, trials, by_trial)
 
     with stack.connect() as conn:
         seen = events.recent(conn, 100, ["model.*"])
@@ -155,6 +162,55 @@ def test_asha_search_prunes_finds_a_good_trial_and_tracks_every_epoch(stack):
     assert finished[0].payload["best_trial"] == best.number
     trial_events = [e for e in seen if e.type == events.TRIAL_FINISHED]
     assert len([e for e in trial_events if e.payload["experiment"] == experiment.id]) == 12
+
+
+def check_tracking(stack, tracker, trials, runs) -> None:
+    """What every trial run carries besides params and metrics: provenance tags, the training
+    data as dataset inputs, the final checkpoint, its learning curves (and when it completed
+    its confusion matrix) as PNGs."""
+    train = LabelStore(stack, use_case("bbc_news")).train_rows("second")
+    head = subprocess.run(  # the toy trainer's checkout: this one
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+    ).stdout.strip()
+    for trial in trials:
+        run = tracker.get_run(runs[trial.number].info.run_id)
+        tags = run.data.tags
+        assert tags["cdl.snapshot"] == "bbc_news/second"
+        assert tags["cdl.data_commits"] == "bbc-news-validated@c0ffee"
+        assert tags["cdl.git_sha"] == tags["mlflow.source.git.commit"] == head
+        assert tags["cdl.git_dirty"] in ("true", "false")
+        assert tags["cdl.package.mlflow"] == mlflow.__version__
+        assert tags["cdl.package.cdl"] == __version__ and "cdl.package.torch" in tags
+        assert tags["cdl.parameters"] == "11"  # the toy's weights and bias
+        assert tags["cdl.features.train_rows"] == "300" and "cdl.features" not in tags
+        inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+        assert set(inputs) == {"bbc_news/second", "bbc-news-validated@c0ffee"}
+        snapshot = inputs["bbc_news/second"]
+        assert snapshot.dataset.source_type == "cdl_label_snapshot"
+        assert '"num_rows": %d' % len(train) in snapshot.dataset.profile
+        assert [(t.key, t.value) for t in snapshot.tags] == [("mlflow.data.context", "training")]
+        assert inputs["bbc-news-validated@c0ffee"].dataset.source_type == "cdl_data_commit"
+        assert inputs["bbc-news-validated@c0ffee"].dataset.digest == snapshot.dataset.digest
+        files = {
+            a.path
+            for folder in ("checkpoint", "plots")
+            for a in tracker.list_artifacts(run.info.run_id, folder)
+        }
+        expected = {"checkpoint/last.npz", "checkpoint/fits.log", search.LEARNING_CURVES}
+        if trial.state == "completed":
+            expected.add(search.CONFUSION_MATRIX)
+        assert files == expected, (trial.state, files)
+    best = max((t for t in trials if t.state == "completed"), key=lambda t: t.metric)
+    for name in (search.LEARNING_CURVES, search.CONFUSION_MATRIX):
+        local = mlflow.artifacts.download_artifacts(run_id=best.mlflow_run, artifact_path=name)
+        image = Image.open(io.BytesIO(Path(local).read_bytes()))
+        assert image.format == "PNG" and image.size[0] > 300, (name, image.size)
+    [found] = tracker.search_runs(
+        [runs[best.number].info.experiment_id],
+        filter_string=f"dataset.name = 'bbc_news/second' and tags.`cdl.trial` = '{best.number}'"
+        f" and tags.`cdl.experiment` = '{runs[best.number].data.tags['cdl.experiment']}'",
+    )
+    assert found.info.run_id == best.mlflow_run
 
 
 def _run_until(engine, experiment_id: int, epochs: int, timeout: float = 60) -> None:
@@ -309,3 +365,28 @@ def test_the_command_line(stack):
     invalid.write_text("name: x\nsearcher: {name: nope}\n")
     refused = cdl("experiment", "submit", str(invalid), cwd=folder)
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+
+
+def test_the_mlflow_ui_serves_the_stacks_runs(stack):
+    """One start of the MLflow UI (a heavy server): `stack up --with mlflow-ui`, then `cdl ui`
+    finds it running; it lists the stack's experiments; status shows it; it stops."""
+    folder = stack.settings.root
+    tracking.experiment_id(stack, registered_name("bbc_news"))
+    started = time.monotonic()
+    up = cdl("stack", "up", "--with", "mlflow-ui", cwd=folder, timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    print(f"mlflow-ui: up in {time.monotonic() - started:.1f} s")
+    address = up.stdout.split("started mlflow-ui at ", 1)[1].split()[0]
+    shown = cdl("ui", cwd=folder)
+    assert shown.returncode == 0 and f"MLflow UI: {address}" in shown.stdout, shown.stderr
+    answer = httpx.get(f"{address}/api/2.0/mlflow/experiments/search?max_results=100", timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert "bbc-news" in [e["name"] for e in answer.json()["experiments"]]
+    assert httpx.get(address, timeout=30).status_code == 200  # the UI's page itself
+    status = cdl("stack", "status", cwd=folder)
+    [row] = [line for line in status.stdout.splitlines() if "mlflow-ui" in line]
+    assert "healthy" in row and address in row
+    assert stack.supervisor.stop("mlflow-ui")
+    assert stack.supervisor.status("mlflow-ui").state == "stopped"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{address}/health", timeout=5)

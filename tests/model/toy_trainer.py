@@ -84,6 +84,13 @@ class ToyTrainer(Trainer):
                 return epoch
         return max_epochs
 
+    def parameter_count(self) -> int:
+        return DIMENSIONS + 1
+
+    def validation_predictions(self):
+        p = 1 / (1 + np.exp(-(self.features.x_val @ self.w + self.b)))
+        return np.asarray(self.features.y_val), (p > 0.5).astype(int)
+
     def save_model(self, folder: Path) -> None:
         import mlflow.pyfunc
 
