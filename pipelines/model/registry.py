@@ -41,9 +41,9 @@ emitted in the same transaction.
 
 from __future__ import annotations
 
+import getpass
 import io
 import json
-import os
 import statistics
 import subprocess
 import tempfile
@@ -626,7 +626,7 @@ def register(stack: Stack, ref: str) -> Registration:
             "cdl.latency_ms": f"{latency['p50_ms']:.4g}",
             "cdl.latency_p95_ms": f"{latency['p95_ms']:.4g}",
             "cdl.latency_inputs": str(latency["calls"]),
-            "cdl.registered_by": os.environ.get("USER") or "unknown",
+            "cdl.registered_by": _user(),
         }
         for key in ("cdl.experiment", "cdl.trial"):
             if key in run.tags:
@@ -718,6 +718,13 @@ def measure_latency(model: RegisteredModel, task: str, blobs: list[bytes]) -> di
         "p95_ms": times[min(len(times) - 1, round(0.95 * (len(times) - 1)))],
         "calls": len(times),
     }
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for the uid (a container)
+        return "unknown"
 
 
 def _commit(source: str) -> str:

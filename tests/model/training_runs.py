@@ -14,12 +14,13 @@ from pathlib import Path
 import mlflow
 import torch
 
-from pipelines.data import bbc
+from pipelines.data import bbc, fashion
 from pipelines.data.labeling.spec import use_case
 from pipelines.data.labeling.store import LabelStore
 from pipelines.data.repos import DataRepos, Ref
 from pipelines.model import tracking
 from pipelines.model.features import features_for
+from pipelines.model.registry import registered_name
 from pipelines.model.trainer import Resources
 from pipelines.plugins import trainer_class
 from tests.conftest import MODEL_CODE
@@ -36,12 +37,28 @@ def label_corpus(stack, folder: Path, docs: int, seed: int, dest: str, first_id:
     free annotation id."""
     corpus = folder / f"corpus-{seed}"
     bbc.generate(corpus, docs=docs, seed=seed, dirty=False)
+    return _label_folder(stack, "bbc_news", "bbc-validate", corpus, dest, first_id)
+
+
+def label_fashion(stack, folder: Path, images: int) -> None:
+    """The first `images` Fashion-MNIST training images as PNG files in fashion-validate:/valid,
+    labeled with their classes."""
+    pixels, labels = fashion.arrays(fashion.DEFAULT_SOURCE, "train", limit=images)
+    corpus = folder / "fashion"
+    for i, (image, label) in enumerate(zip(pixels, labels, strict=True)):
+        path = corpus / fashion.CLASSES[label] / f"train-{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(fashion.png_bytes(image.tobytes(), 28, 28))
+    _label_folder(stack, "fashion_mnist", "fashion-validate", corpus, "/valid", 1)
+
+
+def _label_folder(stack, case: str, repo: str, corpus: Path, dest: str, first_id: int) -> int:
     repos = DataRepos(stack)
-    if REPO not in {r.name for r in repos.list_repos()}:
-        repos.create_repo(REPO)
-    commit, _ = repos.put(Ref.parse(REPO), [corpus], dest=dest)
+    if repo not in {r.name for r in repos.list_repos()}:
+        repos.create_repo(repo)
+    commit, _ = repos.put(Ref.parse(repo), [corpus], dest=dest)
     now = datetime.now(timezone.utc)
-    store = LabelStore(stack, use_case("bbc_news"))
+    store = LabelStore(stack, use_case(case))
     rows = [
         {
             "path": entry.path,
@@ -66,8 +83,8 @@ class Trial:
     parameters: int  # the trained network's weights
 
 
-def experiment_id(stack) -> str:
-    return tracking.experiment_id(stack, "bbc-news")
+def experiment_id(stack, case: str = "bbc_news") -> str:
+    return tracking.experiment_id(stack, registered_name(case))
 
 
 def train_run(
@@ -80,20 +97,21 @@ def train_run(
     experiment: str | None = None,
     trial: int | None = None,
     seed: int = 0,
+    case: str = "bbc_news",
 ) -> Trial:
-    """Train the real BBC trainer on `snapshot` and log it as a (trial) run."""
-    hparams = {**SMALL, **(hparams or {})}
-    features = features_for(stack, "bbc_news", snapshot)
-    trainer = trainer_class("bbc_news")(hparams, features, Resources(threads=1), seed=seed)
+    """Train the real trainer of use case `case` on `snapshot` and log it as a (trial) run."""
+    hparams = {**(SMALL if case == "bbc_news" else {}), **(hparams or {})}
+    features = features_for(stack, case, snapshot)
+    trainer = trainer_class(case)(hparams, features, Resources(threads=1), seed=seed)
     client = tracking.client(stack)
-    tags = {"cdl.snapshot": f"bbc_news/{snapshot}"}
+    tags = {"cdl.snapshot": f"{case}/{snapshot}"}
     if parent:
         tags["mlflow.parentRunId"] = parent
     if experiment is not None:
         tags["cdl.experiment"] = experiment
     if trial is not None:
         tags["cdl.trial"] = str(trial)
-    run = client.create_run(experiment_id(stack), run_name=f"trial-{trial}", tags=tags)
+    run = client.create_run(experiment_id(stack, case), run_name=f"trial-{trial}", tags=tags)
     run_id = run.info.run_id
     for key, value in trainer.hparams.items():
         client.log_param(run_id, key, value)
@@ -108,7 +126,9 @@ def train_run(
         trainer.save_model(Path(scratch) / "model")
         client.log_artifacts(run_id, str(Path(scratch) / "model"), "model")
     client.set_terminated(run_id, "FINISHED")
-    return Trial(run_id, sum(p.numel() for p in trainer.net.parameters()))
+    if case == "bbc_news":
+        return Trial(run_id, sum(p.numel() for p in trainer.net.parameters()))
+    return Trial(run_id, trainer.model.count_params())
 
 
 def parent_run(stack, experiment: str, snapshot: str) -> str:
