@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from pipelines.cli.context import cli_context, console, err_console
+from pipelines.core.errors import NotFound
 from pipelines.model import approvals, evaluation, registry
 from pipelines.model.registry import VersionInfo, registered_name
 
@@ -94,12 +95,14 @@ def list_versions(
 ) -> None:
     """List the versions of a registered model (of every one), newest first."""
     models = registry.Registry(cli_context(ctx).stack)
-    names = [registered_name(name)] if name else models.names()
+    names = [registry.checked_name(name)] if name else models.names()
     if not names:
         console.print("no registered models yet ('cdl model register EXPERIMENT|RUN')")
         return
     for model in names:
         versions = models.versions(model)
+        if name and not versions:
+            raise NotFound(f"no registered model {model}", "see 'cdl model list'")
         table = Table(
             "version",
             "aliases",

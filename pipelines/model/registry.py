@@ -44,6 +44,7 @@ from __future__ import annotations
 import getpass
 import io
 import json
+import re
 import statistics
 import subprocess
 import tempfile
@@ -67,6 +68,7 @@ PARAMETERS_TAG = "cdl.parameters"  # a trainer may log its parameter count as a 
 LATENCY_INPUTS = 5
 LATENCY_ROUNDS = 3
 CHECKOUT = Path(__file__).resolve().parents[2]
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
 
 
 def registered_name(use_case: str) -> str:
@@ -280,7 +282,7 @@ class Registry:
 
     def versions(self, name: str) -> list[VersionInfo]:
         """A registered model's versions, newest first ([] when the model does not exist)."""
-        name = registered_name(name)
+        name = checked_name(name)
         try:
             found = self.client.search_model_versions(f"name = '{name}'")
         except Exception as exc:
@@ -362,16 +364,25 @@ class Registry:
             raise _mlflow_error(f"delete alias {name}@{alias}", exc) from exc
 
 
+def checked_name(name: str) -> str:
+    """A registered model's name from user input (bbc_news or bbc-news -> bbc-news)."""
+    if not MODEL_NAME.match(name):
+        raise Invalid(
+            f"'{name}' is not a registered model name", "e.g. bbc-news (see 'cdl model list')"
+        )
+    return registered_name(name)
+
+
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     """'bbc-news/3' -> (bbc-news, 3, None); 'bbc_news@champion' -> (bbc-news, None, champion)."""
     name, slash, version = ref.partition("/")
     if slash:
         if not version.isdigit():
             raise Invalid(f"'{ref}': '{version}' is not a version number", "e.g. bbc-news/3")
-        return registered_name(name), str(int(version)), None
+        return checked_name(name), str(int(version)), None
     name, at, alias = ref.partition("@")
     if at and alias:
-        return registered_name(name), None, alias
+        return checked_name(name), None, alias
     raise Invalid(
         f"'{ref}' names no model version",
         "use NAME/VERSION (bbc-news/3) or NAME@ALIAS (bbc-news@champion)",

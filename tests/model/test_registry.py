@@ -251,9 +251,25 @@ def test_register_refuses_runs_without_a_usable_model(labeled):
         register(stack, empty)
     assert "pruned or failed trial" in err.value.fix
     running = runs.parent_run(stack, "8", "first")  # an experiment that has not ended
-    runs.code_model_run(stack, "first", constant, tags={"mlflow.parentRunId": running})
+    runs.code_model_run(
+        stack, "first", constant, tags={"mlflow.parentRunId": running, "cdl.trial": "3"}
+    )
     with pytest.raises(Invalid, match="experiment 8 .* has no best trial yet"):
         register(stack, "8")
+    # The experiment ends naming its best trial by number (`cdl.best_trial`): that trial's run.
+    best = runs.code_model_run(
+        stack,
+        "first",
+        {"behaviour": "constant", "label": "tech"},
+        tags={"mlflow.parentRunId": running, "cdl.experiment": "8", "cdl.trial": "4"},
+    )
+    tracking.client(stack).set_tag(running, "cdl.best_trial", "4")
+    done = register(stack, "8")
+    assert (done.run.run_id, done.run.parent_run, done.version.tags["cdl.trial"]) == (
+        best,
+        running,
+        "4",
+    )
     with pytest.raises(NotFound, match="no MLflow run of CDL experiment 99"):
         register(stack, "99")
     with pytest.raises(NotFound, match="no MLflow run or CDL experiment 'f00d'"):
@@ -294,6 +310,8 @@ def test_cli_register_list_show_compare(labeled):
     again = cdl("model", "register", best.run_id, cwd=folder)
     assert again.returncode == 1
     assert again.stderr.startswith("error: run ") and len(again.stderr.strip().splitlines()) == 1
+    unknown = cdl("model", "list", "iris", cwd=folder)
+    assert unknown.returncode == 1 and "no registered model iris" in unknown.stderr
     missing = cdl("model", "show", "bbc-news/99", cwd=folder)
     assert missing.returncode == 1 and "has no version 99" in missing.stderr
     assert "cdl model list bbc-news" in missing.stderr
