@@ -144,3 +144,26 @@ def test_approve_and_history_through_the_cli(models):
     assert "weekly release" in shown.stdout and "dan" in shown.stdout
     listed = cdl("model", "list", cwd=folder)
     assert "champion" in listed.stdout and "candidate" in listed.stdout
+
+
+def test_the_champion_is_scored_on_the_challengers_test_split(models, tmp_path):
+    """A challenger trained on a newer snapshot: the champion (evaluated on an older one) is
+    scored now on the challenger's test split, so both are compared on the same files."""
+    stack = models
+    store = LabelStore(stack, use_case("bbc_news"))
+    runs.label_corpus(stack, tmp_path, 50, 9, "/more", 1000)
+    store.snapshot("second")
+    info = register(stack, runs.train_run(stack, "second", epochs=2).run_id).version
+    evaluation.evaluate(stack, info.ref, 0.6, tmp_path / "j.xml", tmp_path / "r.md")
+    previous = Registry(stack).champion("bbc-news")
+    assert previous.tags["cdl.eval.snapshot"] == "bbc_news/first"
+    done = approvals.approve(stack, info.ref, "erin", "trained on more labels")
+    comparison = done.comparison
+    rows = len(store.test_rows("second"))
+    assert comparison.snapshot == "bbc_news/second"
+    assert comparison.champion.ref == previous.ref
+    assert comparison.challenger_scores.rows == comparison.champion_scores.rows == rows
+    assert rows > len(store.test_rows("first"))
+    assert done.approval.previous_metrics["rows"] == rows
+    # the champion's own evaluation (on its snapshot) is left as it was
+    assert Registry(stack).get(previous.ref).tags["cdl.eval.snapshot"] == "bbc_news/first"
