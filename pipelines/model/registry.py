@@ -30,8 +30,13 @@ gets the metadata a person or a program needs to pick a model, as model version 
   file of the model artifact), and `cdl.latency_ms` / `cdl.latency_p95_ms`: the wall time of one
   `predict` call on one input through the pyfunc model in the registering process (on its CPU,
   after one warm-up call; preprocessing included), median and 95th percentile over
-  `LATENCY_ROUNDS` rounds of `LATENCY_INPUTS` inputs: for text, files of the snapshot's train
-  split read from the data backend; for images, zeros of the model's image shape.
+  `LATENCY_ROUNDS` rounds of `LATENCY_INPUTS` inputs (`cdl.latency_inputs`: how many calls):
+  for text, files of the snapshot's train split read from the data backend; for images, zeros of
+  the model's image shape. It runs with the process's default torch/TensorFlow threads, so it
+  is a figure to compare versions registered on the same machine, not a serving benchmark;
+- who: `cdl.registered_by` (the registering user).
+
+A run is registered once: registering it again names the version it became.
 
 Evaluation (evaluation.py) adds `cdl.eval.*` tags; approval (approvals.py) moves `champion`.
 A version is recorded in lineage as `model_version:<name>/<version>`, produced by its
