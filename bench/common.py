@@ -39,23 +39,30 @@ def throwaway_stack() -> Iterator[Stack]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def up_with_label_studio(stack: Stack) -> None:
+    """`cdl stack up --with label-studio`, without the webhook receiver: exports run only when
+    the benchmark runs them."""
+    from pipelines.data.labeling.webhooks import WEBHOOK_SERVICE
+
+    stack.up(["label-studio"])
+    stack.supervisor.stop(WEBHOOK_SERVICE)
+
+
 @contextmanager
 def labeling_stack(docs: int) -> Iterator[tuple[Stack, "Labeling"]]:
     """A throwaway stack with Label Studio and `docs` generated BBC-like articles committed as
     the validated data (bbc-validate:/valid), and the BBC news labeling on it. No webhook
-    receiver: exports run only when the benchmark runs them."""
+    receiver (see `up_with_label_studio`)."""
     from pipelines.data import bbc
     from pipelines.data.labeling.service import Labeling
     from pipelines.data.labeling.spec import use_case
-    from pipelines.data.labeling.webhooks import WEBHOOK_SERVICE
     from pipelines.data.repos import DataRepos, Ref
 
     work = Path(tempfile.mkdtemp(prefix="cdl-bench-label-"))
     try:
         bbc.generate(work / "valid", docs, seed=4, dirty=False)
         with throwaway_stack() as stack:
-            stack.up(["label-studio"])
-            stack.supervisor.stop(WEBHOOK_SERVICE)
+            up_with_label_studio(stack)
             repos = DataRepos(stack)
             repos.create_repo("bbc-validate")
             repos.put(Ref.parse("bbc-validate"), [work / "valid"], dest="/valid")

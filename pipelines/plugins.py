@@ -37,6 +37,10 @@ PLUGINS: dict[str, dict[str, str]] = {
         "local": "pipelines.data.engine:PipelineEngine",
         "pachyderm": "pipelines.data.pachyderm:PachydermPipelines",
     },
+    # Hyperparameter searches and their trials (port: model/experiments.py ExperimentEngine).
+    "experiments": {
+        "local": "pipelines.model.search:LocalExperiments",
+    },
     # A use case's model: preprocessing, training, the saved model (port: model/trainer.py
     # Trainer). Keyed by use case, not engine: each use case has its one trainer.
     "trainer": {
@@ -46,11 +50,16 @@ PLUGINS: dict[str, dict[str, str]] = {
 }
 
 # The packages that run supervised services: each has `services(stack) -> list[Service]`.
-SERVICE_PROVIDERS = ("pipelines.core.events", "pipelines.data.services")
+SERVICE_PROVIDERS = ("pipelines.core.events", "pipelines.data.services", "pipelines.model.services")
 
 
 def engines(concern: str) -> tuple[str, ...]:
     return tuple(PLUGINS[concern])
+
+
+def target(concern: str, engine: str) -> str | None:
+    """The "module:Class" registered for `engine` under `concern`, without importing it."""
+    return PLUGINS.get(concern, {}).get(engine)
 
 
 def backend_class(concern: str, engine: str) -> Any:

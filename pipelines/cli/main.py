@@ -13,10 +13,12 @@ from pipelines.cli import config as config_cli
 from pipelines.cli import data as data_cli
 from pipelines.cli import demo as demo_cli
 from pipelines.cli import events as events_cli
+from pipelines.cli import experiment as experiment_cli
 from pipelines.cli import label as label_cli
 from pipelines.cli import lineage as lineage_cli
 from pipelines.cli import model as model_cli
 from pipelines.cli import stack as stack_cli
+from pipelines.cli import ui as ui_cli
 from pipelines.cli.context import CLIContext, err_console
 from pipelines.core import db
 from pipelines.core.errors import CDLError, Unavailable
@@ -39,7 +41,9 @@ app.add_typer(label_cli.app, name="label")
 app.add_typer(model_cli.app, name="model")
 app.add_typer(lineage_cli.app, name="lineage")
 app.add_typer(events_cli.app, name="events")
+app.add_typer(experiment_cli.app, name="experiment")
 app.command("demo")(demo_cli.demo)
+app.command("ui")(ui_cli.ui)
 
 
 def _version(value: bool) -> None:

@@ -50,7 +50,8 @@ def up(
     with_services: List[str] = typer.Option(
         [],
         "--with",
-        help="Also start an optional service: label-studio (and its webhook receiver).",
+        help="Also start an optional service: label-studio (and its webhook receiver), "
+        "mlflow-ui (the MLflow UI, see 'cdl ui').",
     ),
 ) -> None:
     """Start the stack: initialise the embedded Postgres on first use (or check the external DSN),

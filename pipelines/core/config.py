@@ -157,12 +157,23 @@ class TrackingConfig(_Strict):
     )
 
 
+class ExperimentsConfig(_Strict):
+    """Which engine runs hyperparameter searches and training (`cdl experiment`)."""
+
+    engine: Literal[engines("experiments")] = Field(
+        "local",
+        description="local: Optuna workers on this stack's Postgres (more can join from other "
+        "machines with 'cdl experiment worker')",
+    )
+
+
 class StackConfig(_Strict):
     home: Path = Field(Path(".cdl"), description="where the stack keeps its state, logs and venvs")
     postgres: PostgresConfig = PostgresConfig()
     object_store: ObjectStoreConfig = ObjectStoreConfig()
     data: DataConfig = DataConfig()
     tracking: TrackingConfig = TrackingConfig()
+    experiments: ExperimentsConfig = ExperimentsConfig()
     events: EventsConfig = EventsConfig()
 
 

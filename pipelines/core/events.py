@@ -39,6 +39,7 @@ REORDER_WINDOW = 100
 # The event types the pipelines emit.
 COMMIT_FINISHED = "data.commit.finished"
 JOB_FINISHED = "data.job.finished"
+TRIAL_FINISHED = "model.trial.finished"
 TRAINING_FINISHED = "model.training.finished"
 MODEL_REGISTERED = "model.registered"
 EVALUATION_PASSED = "model.evaluation.passed"

@@ -230,6 +230,11 @@ class Supervisor:
                 continue
         return False
 
+    def forget(self, name: str) -> None:
+        """Drop the record of a service that has ended (or is the calling process, about to)."""
+        if self.pid(name) in (None, os.getpid()):
+            self._forget(name)
+
     def _forget(self, name: str) -> None:
         self._children.pop(name, None)
         self._state_path(name).unlink(missing_ok=True)

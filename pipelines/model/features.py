@@ -139,6 +139,7 @@ def load(stack: Stack, found: FeatureRecord) -> Features:
         **{name: arrays[name] for name in ARRAYS},
         preprocessing=meta["preprocessing"],
         validation=meta["validation"],
+        origin={"key": found.lineage_key, "bytes": found.bytes},
     )
 
 
@@ -236,4 +237,5 @@ def _compute(stack, trainer, use_case, snapshot, seed, val_fraction) -> Features
         upstream = lineage.node_id(lineage.Kind.LABEL_SNAPSHOT, f"{use_case}/{snapshot}")
         if lineage.get_node(conn, upstream):
             lineage.consumed(conn, node, upstream)
+    features.origin = {"key": key, "bytes": arrays_size + meta_size}
     return features

@@ -21,6 +21,10 @@ fills in the defaults and refuses unknown names. After each epoch the searcher g
 `val_loss`, `val_accuracy` and `epoch_seconds`, with `epoch` the number of epochs done (1 after the
 first); a loss that is not finite fails the trial (`Invalid`) instead of being reported.
 
+Two optional methods feed tracking (search.py): `parameter_count` (the run's `cdl.parameters` tag,
+which the registry reads) and `validation_predictions` (the validation confusion matrix logged as a
+PNG). A trainer without them still trains; its runs just lack that tag or picture.
+
 Trainers are registered per use case in the plugin table (pipelines/plugins.py, concern
 `trainer`) and run unchanged inside a Determined trial: this module and the trainers import
 nothing that needs the stack.
@@ -62,6 +66,9 @@ class Features:
     y_val: np.ndarray
     preprocessing: dict[str, Any] = field(default_factory=dict)  # JSON: saved with the model
     validation: dict[str, Any] = field(default_factory=dict)  # how val was carved: seed, sources
+    # Where the transformation registry (features.py) keeps them: {"key": lineage key, "bytes":
+    # stored size}; empty when they come from elsewhere. Runs tag it (cdl.features).
+    origin: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -210,3 +217,12 @@ class Trainer(ABC):
     @abstractmethod
     def save_model(self, folder: Path) -> None:
         """The trained model and its preprocessing as an MLflow pyfunc model in `folder`."""
+
+    def parameter_count(self) -> int | None:
+        """How many parameters the model has (trainable or not); None when unknown."""
+        return None
+
+    def validation_predictions(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(true, predicted) class indexes into `features.labels` for each validation example,
+        predicted with the current weights (after `fit`); None when the trainer cannot tell."""
+        return None

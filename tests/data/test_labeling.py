@@ -8,6 +8,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from pipelines.data.labeling.predictor import file_predictor
 from pipelines.data.labeling.server import SERVICE, LabelStudioServer
 from pipelines.data.labeling.service import ExportResult, Labeling
 from pipelines.data.labeling.spec import use_case, use_cases_by_project
+from pipelines.data.labeling.store import LabelStore
 from pipelines.data.labeling.webhooks import WEBHOOK_SERVICE, webhook_spec
 from pipelines.data.repos import DataRepos, Ref
 from tests.conftest import REPO, cdl, destroy, make_project, stack_for
@@ -82,6 +84,12 @@ def test_sync_auto_export_snapshot(lab, tmp_path):
     assert source.startswith("bbc-validate@") and ":/valid/" in source
 
     assert labeling.auto_annotate() == len(valid)
+    # Label Studio's per-task counter lags its annotations when its database goes away between
+    # the two writes: a second run must still see the annotations and make no more.
+    label_studio_db = stack.dsn(stack.settings.stack.postgres.databases.label_studio)
+    with psycopg.connect(label_studio_db, autocommit=True) as conn:
+        conn.execute("UPDATE task SET total_annotations = 0")
+    assert labeling.auto_annotate() == 0
     # The webhook receiver may have exported some already; this export loads the rest.
     result = labeling.export()
     assert (result.rows, result.problems) == (len(valid), [])
@@ -565,6 +573,38 @@ def test_label_studio_down_is_a_clear_error():
     assert "stack up --with label-studio" in err.value.fix
 
 
+def test_a_lost_answer_to_an_import_is_not_sent_again():
+    """A server that takes a request and dies before answering may have done it: a read is
+    tried again, an import is not (its files would become tasks twice), and says so."""
+    requests = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def take_and_drop() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            requests.append(conn.recv(65536).split(b" ", 2)[:2])
+            conn.close()  # no answer
+
+    threading.Thread(target=take_and_drop, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    client = LabelStudioClient(url, "0" * 40, retries=2, backoff_s=0.01)
+    try:
+        with pytest.raises(CDLError, match="does not answer .* after 3 tries"):
+            client.projects()
+        assert len(requests) == 3
+        with pytest.raises(CDLError, match="took no answer back .* may or may not") as err:
+            client.import_tasks(1, [{"data": {"text": "x"}}])
+        assert len(requests) == 4 and requests[-1][0] == b"POST"
+        assert "run the command again" in err.value.fix
+    finally:
+        server.close()
+
+
 def idx(dims, payload: bytes) -> bytes:
     header = b"\0\0\x08" + bytes([len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
     return gzip.compress(header + payload)
@@ -805,6 +845,34 @@ def test_a_changed_labeling_config_updates_the_project(lab, tmp_path):
         labeling.project()  # back to the repo's config
     stored = labeling.client.label_config(project_id)
     assert stored.strip() == labeling.case.label_config.strip()
+
+
+def test_sync_cut_off_after_label_studio_took_its_import(lab, tmp_path, monkeypatch):
+    """A sync that stops after Label Studio imported its tasks but before the store recorded
+    them (killed, or its database gone) leaves tasks the store does not know: the next sync
+    records them instead of importing their files a second time."""
+    stack = lab[0]
+    shutil.copytree(REPO / "use_cases" / "bbc_news", tmp_path / "bbc_resync")
+    spec = tmp_path / "bbc_resync" / "labeling.yaml"
+    spec.write_text(spec.read_text().replace("project: BBC news topics", "project: BBC resync"))
+    labeling = Labeling(stack, use_case("bbc_resync", root=tmp_path))
+    repos = DataRepos(stack)
+    valid = {e.path for e in repos.files(repos.resolve("bbc-validate"), "/valid")}
+
+    def database_gone(*args):
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(LabelStore, "add_tasks", database_gone)
+    with pytest.raises(psycopg.OperationalError):
+        labeling.sync()
+    monkeypatch.undo()
+    project_id = labeling.project()
+    assert len(labeling.client.tasks(project_id)) == len(valid)  # Label Studio has them
+    assert labeling.store.tasks() == []
+    assert labeling.sync() == (len(valid), 0)
+    assert len(labeling.client.tasks(project_id)) == len(valid)  # each file once
+    assert {path for _, path in labeling.store.tasks()} == valid
+    assert labeling.sync() == (0, len(valid))
 
 
 def test_sync_on_a_pachyderm_stack_reads_pachd(quiet_lab):

@@ -101,6 +101,8 @@ def test_computed_once_from_the_train_split_then_loaded(labeled, featurized):
     [row] = registry.records(stack, "bbc_news", "first")
     assert (row.train_rows, row.val_rows) == (len(first.y_train), len(first.y_val))
     assert row.preprocessing == trainer_class("bbc_news").PREPROCESSING_VERSION
+    origin = {"key": row.lineage_key, "bytes": row.bytes}  # what runs tag (cdl.features)
+    assert first.origin == again.origin == origin
     with stack.connect() as conn:
         node = lineage.tree(conn, lineage.node_id(lineage.Kind.FEATURES, row.lineage_key))
     assert node.attributes["arrays"] == row.arrays_sha256

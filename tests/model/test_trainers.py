@@ -178,6 +178,11 @@ def test_bbc_learns_and_its_saved_model_serves_raw_text(bbc_features, bbc_files,
     # The same answers as the network in training, from raw text: the artifact's own
     # vocabulary and stemmer rebuild exactly the training features.
     assert list(served["label"]) == [features.labels[i] for i in expected.tolist()]
+    # What tracking logs: the validation predictions (confusion matrix) and the parameter count.
+    truth, predicted = trainer.validation_predictions()
+    assert truth.tolist() == features.y_val.tolist() and predicted.tolist() == expected.tolist()
+    n = trainer.inputs  # Linear+LayerNorm (64), Linear+LayerNorm (16), Linear (5 classes)
+    assert trainer.parameter_count() == (n * 64 + 64) + 128 + (64 * 16 + 16) + 32 + (16 * 5 + 5)
 
     import mlflow
 
@@ -274,6 +279,9 @@ def test_fashion_learns_and_its_saved_model_scales_raw_pixels(fashion_features, 
     served = serve_in_fresh_process(tmp_path / "model", "image", tmp_path / "images.npy", elsewhere)
     assert list(served.columns) == ["label", "score"] and len(served) == len(features.x_val)
     assert list(served["label"]) == [features.labels[i] for i in expected]
+    truth, predicted = trainer.validation_predictions()
+    assert truth.tolist() == features.y_val.tolist() and predicted.tolist() == expected.tolist()
+    assert trainer.parameter_count() == (28 * 28 * 128 + 128) + (128 * 10 + 10)
     assert np.mean(served["label"] == [features.labels[i] for i in features.y_val]) >= 0.7
 
     import mlflow

@@ -29,18 +29,28 @@ class LabelStudioClient:
         self.retries = retries
         self.backoff_s = backoff_s
 
-    def _call(self, what: str, call: Callable[[RequestOptions], T], **options) -> T:
+    def _call(
+        self, what: str, call: Callable[[RequestOptions], T], once: bool = False, **options
+    ) -> T:
         """`call(request_options)`, retried with backoff (the SDK's own retries are off: they
-        do not cover a server that does not answer)."""
+        do not cover a server that does not answer). A call that creates things (`once`) is
+        retried only while it cannot reach the server: a server that died or failed after taking
+        it may have done it, and sending it again would do it twice; its caller finds out."""
         for attempt in range(self.retries + 1):
             try:
                 return call(RequestOptions(max_retries=0, **options))
+            except httpx.ConnectError as exc:
+                failure = f"{type(exc).__name__}"
             except httpx.TransportError as exc:
                 failure = f"{type(exc).__name__}"
+                if once:
+                    raise self._lost(what, failure) from exc
             except ApiError as exc:
                 if exc.status_code is None or exc.status_code < 500:
                     raise self._refused(what, exc) from exc
                 failure = f"HTTP {exc.status_code}"
+                if once:
+                    raise self._lost(what, failure) from exc
             if attempt == self.retries:
                 raise Unavailable(
                     f"Label Studio at {self.url} does not answer ({what}: {failure}) after "
@@ -49,6 +59,14 @@ class LabelStudioClient:
                 )
             time.sleep(self.backoff_s * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _lost(self, what: str, failure: str) -> Unavailable:
+        return Unavailable(
+            f"Label Studio at {self.url} took no answer back ({what}: {failure}): it may or may "
+            "not have done it",
+            "run the command again once 'cdl stack up --with label-studio' is done: it finds "
+            "what was done",
+        )
 
     def _refused(self, what: str, exc: ApiError) -> Exception:
         problem = f"Label Studio refused {what}: HTTP {exc.status_code} {str(exc.body)[:300]}"
@@ -72,6 +90,7 @@ class LabelStudioClient:
             lambda o: self.sdk.projects.create(
                 title=title, label_config=label_config, description=description, request_options=o
             ),
+            once=True,
         )
         return created.id
 
@@ -98,24 +117,32 @@ class LabelStudioClient:
             lambda o: self.sdk.projects.import_tasks(
                 id=project_id, request=tasks, return_task_ids=True, request_options=o
             ),
+            once=True,
         )
         return list(reply.task_ids or [])
 
-    def tasks(self, project_id: int) -> list[dict]:
-        """Every task of a project: {"id", "total_annotations"}."""
+    def tasks(self, project_id: int, meta: bool = False) -> list[dict]:
+        """Every task of a project: {"id", "annotations"} (how many it has), with `meta` its
+        "meta" too. The count is of the annotations themselves, not the task's
+        `total_annotations` counter, which lags when Label Studio fails between writing
+        annotations and updating it (its database restarting)."""
         found = self._call(
             f"list the tasks of project {project_id}",
             lambda o: list(
                 self.sdk.tasks.list(
                     project=project_id,
-                    fields="task_only",
-                    include="id,total_annotations",  # not the tasks' data
+                    fields="all",  # the annotations themselves; `include` leaves the data out
+                    include="id,annotations" + (",meta" if meta else ""),
                     page_size=PAGE_SIZE,
                     request_options=o,
                 )
             ),
         )
-        return [{"id": t.id, "total_annotations": t.total_annotations or 0} for t in found]
+        return [
+            {"id": t.id, "annotations": len(t.annotations or [])}
+            | ({"meta": t.meta or {}} if meta else {})
+            for t in found
+        ]
 
     def task(self, task_id: int) -> dict:
         """One task with its predictions and annotations, as Label Studio's JSON."""
@@ -131,6 +158,7 @@ class LabelStudioClient:
             lambda o: self.sdk.annotations.create(
                 id=task_id, result=result, lead_time=1.0, request_options=o
             ),
+            once=True,
         )
         return created.model_dump(mode="json")
 
@@ -141,6 +169,7 @@ class LabelStudioClient:
             lambda o: self.sdk.projects.import_predictions(
                 id=project_id, request=predictions, request_options=o
             ),
+            once=True,
         )
 
     def annotations_from_predictions(
@@ -156,6 +185,7 @@ class LabelStudioClient:
                 selected_items={"all": False, "included": task_ids},
                 request_options=o,
             ),
+            once=True,
             # The action's own parameter, which the SDK has no argument for.
             additional_body_parameters={"model_version": model_version},
         )
@@ -206,4 +236,6 @@ class LabelStudioClient:
                 is_active=True,
                 request_options=o,
             ),
+            once=True,
         )
+

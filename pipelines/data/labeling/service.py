@@ -2,8 +2,10 @@
 store and the data backend.
 
 Files are keyed by path and content, so a re-sync imports only new files; every task keeps
-`repo@commit:path` in its meta. An export commits the raw Label Studio JSON to the use case's
-labels repo, then loads the annotations into the label store in one transaction.
+`repo@commit:path` and the file's sha256 in its meta, by which a re-sync also finds the tasks of
+an interrupted one that Label Studio took but the store never recorded. An export commits the
+raw Label Studio JSON to the use case's labels repo, then loads the annotations into the label
+store in one transaction.
 """
 
 from __future__ import annotations
@@ -120,12 +122,29 @@ class Labeling:
             e for e in self.repos.files(commit, source.path) if not e.path.endswith(".reason")
         ]
         new = [e for e in entries if (e.path, e.sha256) not in known]
-        for start in range(0, len(new), IMPORT_BATCH):
-            batch = new[start : start + IMPORT_BATCH]
+        to_import = self._adopt(commit, project_id, new) if new else []
+        for start in range(0, len(to_import), IMPORT_BATCH):
+            batch = to_import[start : start + IMPORT_BATCH]
             self._import(commit, project_id, batch, predict)
             if progress:
-                progress(start + len(batch), len(new))
+                progress(start + len(batch), len(to_import))
         return len(new), len(entries) - len(new)
+
+    def _adopt(self, commit: Commit, project_id: int, new: list[FileEntry]) -> list[FileEntry]:
+        """Record the tasks that Label Studio holds for `new` files without the store knowing
+        them (a sync killed, or cut off from the database, after Label Studio took its import):
+        importing those files again would give labelers each of them twice. Return the files
+        still without a task."""
+        wanted = {(e.path, e.sha256): e for e in new}
+        adopted = []
+        for task in sorted(self.client.tasks(project_id, meta=True), key=lambda t: t["id"]):
+            source = str(task["meta"].get("source", ""))
+            entry = wanted.pop((source.partition(":")[2], task["meta"].get("sha256")), None)
+            if entry is not None:
+                adopted.append((entry, task["id"]))
+        if adopted:
+            self.store.add_tasks(commit, project_id, adopted)
+        return list(wanted.values())
 
     def _source_commit(self, ref: str | None) -> Commit:
         source = self.case.spec.source
@@ -176,7 +195,7 @@ class Labeling:
         answers go in as predictions of a one-off model version, then Label Studio's 'Create
         Annotations From Predictions' action turns them into annotations. Return how many."""
         project_id = self.project()
-        done = {t["id"] for t in self.client.tasks(project_id) if t["total_annotations"]}
+        done = {t["id"] for t in self.client.tasks(project_id) if t["annotations"]}
         todo = [(task_id, path) for task_id, path in self.store.tasks() if task_id not in done]
         todo = todo[:limit] if limit is not None else todo
         if not todo:

@@ -312,6 +312,22 @@ class BBCNewsTrainer(Trainer):
         self.net = module.net.cpu()
         return max(epochs.done, done)
 
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+    def validation_predictions(self) -> tuple[np.ndarray, np.ndarray]:
+        x_val, y_val = self.features.x_val[:, : self.inputs], self.features.y_val
+        training = self.net.training
+        self.net.eval()
+        predicted = []
+        with torch.no_grad():
+            for start in range(0, len(x_val), 1024):
+                chunk = torch.from_numpy(x_val[start : start + 1024].astype(np.float32))
+                predicted.append(self.net(chunk).argmax(dim=1).numpy())
+        self.net.train(training)
+        empty = np.zeros(0, dtype=np.int64)
+        return np.asarray(y_val, dtype=np.int64), np.concatenate(predicted or [empty])
+
     def save_model(self, folder: Path) -> None:
         import mlflow
 

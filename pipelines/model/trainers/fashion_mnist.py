@@ -210,6 +210,14 @@ class FashionMNISTTrainer(Trainer):
                 break
         return done
 
+    def parameter_count(self) -> int:
+        return int(self.model.count_params())
+
+    def validation_predictions(self) -> tuple[np.ndarray, np.ndarray]:
+        x_val = self.features.x_val.astype(np.float32)
+        logits = self.model.predict(x_val, batch_size=1024, verbose=0)
+        return np.asarray(self.features.y_val, dtype=np.int64), logits.argmax(axis=1)
+
     def save_model(self, folder: Path) -> None:
         import keras
         import mlflow
