@@ -20,8 +20,9 @@ gets the metadata a person or a program needs to pick a model, as model version 
 
 - lineage: `cdl.run`, `cdl.experiment`, `cdl.trial`, `cdl.parent_run` (when resolved from an
   experiment), `cdl.snapshot`, `cdl.data_commits` (the repo@commit refs of the snapshot's train
-  files), `cdl.git_sha` with `cdl.git_sha_from` (`run`: the run's `mlflow.source.git.commit` or
-  `cdl.git_sha` tag; `registration`: the CDL checkout that registered it, when the run has none);
+  files), `cdl.git_sha` and `cdl.git_dirty` with `cdl.git_sha_from` (`run`: the run's
+  provenance tags, see provenance.py; `registration`: the CDL checkout that registers it, when
+  the run has none);
 - what it is: `cdl.use_case`, `cdl.task`, `cdl.labels` (JSON list: the model's own label set);
 - how good: `cdl.metric.<name>` for the run's last `val_accuracy`, `val_loss` and `loss`;
 - how big and fast: `cdl.parameters` (trainable and frozen weights; read from the run's
@@ -51,7 +52,6 @@ import io
 import json
 import re
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -67,9 +67,9 @@ from pipelines.model import tracking
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 CONTRACT = "return a 'label' and a 'score' per input (see pipelines/model/registry.py)"
-MODEL_ARTIFACT = "model"  # where a training run keeps its MLflow model
+MODEL_ARTIFACT = tracking.MODEL_ARTIFACT  # where a training run keeps its MLflow model
 RUN_METRICS = ("val_accuracy", "val_loss", "loss")  # the run's last values become tags
-PARAMETERS_TAG = "cdl.parameters"  # a trainer may log its parameter count as a run tag or param
+PARAMETERS_TAG = "cdl.parameters"  # trial runs carry it (tracking.model_tags), or a param
 LATENCY_INPUTS = 5
 LATENCY_ROUNDS = 3
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -587,6 +587,7 @@ def register(stack: Stack, ref: str) -> Registration:
 
     from pipelines.data.labeling.spec import use_case as load_use_case
     from pipelines.data.labeling.store import LabelStore
+    from pipelines.model import provenance
 
     started = time.perf_counter()
     registry = Registry(stack)
@@ -628,15 +629,16 @@ def register(stack: Stack, ref: str) -> Registration:
             blobs = _latency_inputs(stack, case, run, train, python_model)
             latency = measure_latency(model, case.spec.task, blobs)
 
-        git_sha, git_from = _git_sha(run)
+        git_sha, git_from, git_dirty = _git_sha(run)
         tags = {
             "cdl.use_case": run.use_case,
             "cdl.task": case.spec.task,
             "cdl.run": run.run_id,
             "cdl.snapshot": f"{run.use_case}/{run.snapshot}",
-            "cdl.data_commits": ",".join(sorted({_commit(s) for s, _ in train})),
+            "cdl.data_commits": ",".join(provenance.data_commits(s for s, _ in train)),
             "cdl.git_sha": git_sha,
             "cdl.git_sha_from": git_from,
+            "cdl.git_dirty": git_dirty,
             "cdl.labels": json.dumps(labels),
             "cdl.artifact_bytes": str(size),
             "cdl.latency_ms": f"{latency['p50_ms']:.4g}",
@@ -743,24 +745,18 @@ def _user() -> str:
         return "unknown"
 
 
-def _commit(source: str) -> str:
-    return source.split(":", 1)[0]
+def _git_sha(run: TrainingRun) -> tuple[str, str, str]:
+    """(sha, where it came from, dirty): the run's provenance tags (provenance.py), else the
+    checkout of the CDL code that registers it."""
+    from pipelines.model import provenance
 
-
-def _git_sha(run: TrainingRun) -> tuple[str, str]:
-    for key in ("mlflow.source.git.commit", "cdl.git_sha"):
-        if run.tags.get(key):
-            return run.tags[key], "run"
-    try:
-        found = subprocess.run(
-            ["git", "-C", str(CHECKOUT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", "registration"
-    return (found.stdout.strip() or "unknown"), "registration"
+    for key in ("cdl.git_sha", "mlflow.source.git.commit"):
+        found = run.tags.get(key)
+        if found and found != provenance.UNKNOWN:
+            return found, "run", run.tags.get("cdl.git_dirty", provenance.UNKNOWN)
+    code = provenance.code_version(CHECKOUT)
+    dirty = provenance.UNKNOWN if code.dirty is None else str(code.dirty).lower()
+    return code.commit, "registration", dirty
 
 
 def _create_version(client, name, case, source, run: TrainingRun, model_id, tags):

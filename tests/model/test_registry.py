@@ -335,3 +335,52 @@ def test_register_an_image_model(registry_stack, tmp_path):
     assert len(json.loads(tags["cdl.labels"])) == 10
     assert float(tags["cdl.latency_ms"]) > 0 and int(tags["cdl.artifact_bytes"]) > 0
     assert re.fullmatch(r"fashion-validate@[0-9a-f]+", tags["cdl.data_commits"])
+
+
+def test_register_what_the_experiment_engine_left(labeled):
+    """A real grid search of the BBC trainer by the local experiment engine (run by a worker in
+    this process), registered by its CDL experiment id: the best trial's run, with the
+    provenance tags the engine wrote."""
+    import yaml
+
+    from pipelines.model.registry import register
+    from pipelines.model.search import LocalExperiments
+
+    stack = labeled
+    spec = stack.settings.root / "grid.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "grid",
+                "entrypoint": "python3 -m pipelines.model.entrypoint",
+                "data": {"use_case": "bbc_news", "snapshot": "first"},
+                "hyperparameters": {
+                    "epochs": 2,
+                    "learning_rate": 0.01,
+                    "hidden": {"type": "categorical", "vals": [8, 32]},
+                },
+                "searcher": {
+                    "name": "grid",
+                    "metric": "val_loss",
+                    "smaller_is_better": True,
+                    "max_concurrent_trials": 1,
+                },
+            }
+        )
+    )
+    engine = LocalExperiments(stack)
+    experiment_id = engine.record(spec).experiment.id
+    engine.worker(experiment_id, print)
+    experiment, trials = engine.show(experiment_id)
+    assert experiment.state == "completed", [t.error for t in trials]
+    best = next(t for t in trials if t.number == experiment.best_trial)
+
+    info = register(stack, str(experiment_id)).version
+    assert info.run_id == best.mlflow_run
+    run = tracking.client(stack).get_run(best.mlflow_run)
+    assert info.tags["cdl.git_sha_from"] == "run"
+    assert info.tags["cdl.git_sha"] == run.data.tags["cdl.git_sha"]
+    assert info.tags["cdl.data_commits"] == run.data.tags["cdl.data_commits"]
+    assert info.tags["cdl.parameters"] == run.data.tags["cdl.parameters"]
+    assert info.tags["cdl.parameters_from"] == "run"
+    assert info.tags["cdl.experiment"] == str(experiment_id)

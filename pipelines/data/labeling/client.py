@@ -238,4 +238,3 @@ class LabelStudioClient:
             ),
             once=True,
         )
-
