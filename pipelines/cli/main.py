@@ -16,6 +16,7 @@ from pipelines.cli import events as events_cli
 from pipelines.cli import experiment as experiment_cli
 from pipelines.cli import label as label_cli
 from pipelines.cli import lineage as lineage_cli
+from pipelines.cli import model as model_cli
 from pipelines.cli import stack as stack_cli
 from pipelines.cli import ui as ui_cli
 from pipelines.cli.context import CLIContext, err_console
@@ -37,6 +38,7 @@ app.add_typer(stack_cli.app, name="stack")
 app.add_typer(config_cli.app, name="config")
 app.add_typer(data_cli.app, name="data")
 app.add_typer(label_cli.app, name="label")
+app.add_typer(model_cli.app, name="model")
 app.add_typer(lineage_cli.app, name="lineage")
 app.add_typer(events_cli.app, name="events")
 app.add_typer(experiment_cli.app, name="experiment")

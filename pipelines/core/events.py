@@ -45,6 +45,7 @@ MODEL_REGISTERED = "model.registered"
 EVALUATION_PASSED = "model.evaluation.passed"
 EVALUATION_FAILED = "model.evaluation.failed"
 MODEL_PROMOTED = "model.promoted"
+MODEL_ROLLED_BACK = "model.rolled_back"  # approving a version older than the champion's
 DRIFT_DETECTED = "deploy.drift.detected"
 
 

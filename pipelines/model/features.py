@@ -148,6 +148,12 @@ def read_train_files(stack: Stack, use_case: str, snapshot: str) -> list[Labeled
     rows = LabelStore(stack, load_use_case(use_case)).train_rows(snapshot)
     if not rows:
         raise NotFound(f"snapshot {use_case}/{snapshot} has no train rows", "label more files")
+    return read_files(stack, f"{use_case}/{snapshot}", rows)
+
+
+def read_files(stack: Stack, snapshot: str, rows: list[tuple[str, str]]) -> list[LabeledFile]:
+    """(source, label) rows of `snapshot` (use_case/name, for messages) with their files' bytes,
+    read from the data backend commit by commit, in the order of `rows`."""
     backend = data_backend(stack)
     wanted: dict[str, dict[str, str]] = defaultdict(dict)  # commit ref -> path -> source
     for source, _ in rows:
@@ -164,7 +170,7 @@ def read_train_files(stack: Stack, use_case: str, snapshot: str) -> list[Labeled
         missing = sorted(set(paths.values()) - set(data))
         if missing:
             raise NotFound(
-                f"{len(missing)} labeled file(s) of snapshot {use_case}/{snapshot} are not in "
+                f"{len(missing)} labeled file(s) of snapshot {snapshot} are not in "
                 f"their commit, e.g. {missing[0]}",
                 "check the data repo's history (cdl data log)",
             )

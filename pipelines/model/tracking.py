@@ -8,6 +8,7 @@ instead, for a team.
 
 from __future__ import annotations
 
+import os
 import queue
 import tempfile
 import threading
@@ -49,6 +50,8 @@ def client(stack: Stack):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    # MLflow's per-file download bars would fill a command's output; commands show their own.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri(stack)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -6,7 +6,8 @@ latest live version of each; `label_splits` fixes each file's split for ever; sn
 (`label_snapshots`, `label_snapshot_rows`) are named, immutable copies that training reads.
 
 Training reads a snapshot's train split as `cdl_scientist` (`train_rows`), a role that cannot
-read test labels (migrations 0006 and 0009); only evaluation reads the test split.
+read test labels (migrations 0006 and 0009); only evaluation reads the test split, as
+`cdl_evaluator` (`test_rows`).
 """
 
 from __future__ import annotations
@@ -275,15 +276,23 @@ class LabelStore:
         """(source, label) of each row of a snapshot's train split, by source: read as the
         `cdl_scientist` role, through the `snapshot_train` view, so that training cannot see a
         test label even by mistake."""
+        return self._split_rows(snapshot, "cdl_scientist", "snapshot_train")
+
+    def test_rows(self, snapshot: str) -> list[tuple[str, str]]:
+        """(source, label) of each row of a snapshot's test split, by source: read as the
+        `cdl_evaluator` role (evaluation's), through the `snapshot_test` view."""
+        return self._split_rows(snapshot, "cdl_evaluator", "snapshot_test")
+
+    def _split_rows(self, snapshot: str, role: str, view: str) -> list[tuple[str, str]]:
         with self.stack.connect() as conn:
             try:
-                conn.execute("SET LOCAL ROLE cdl_scientist")
+                conn.execute(f"SET LOCAL ROLE {role}")
             except (
                 psycopg.errors.InsufficientPrivilege,
                 psycopg.errors.InvalidParameterValue,
             ) as exc:
                 raise Unavailable(
-                    f"cannot read labels as cdl_scientist: {db.first_line(exc)}",
+                    f"cannot read labels as {role}: {db.first_line(exc)}",
                     "create the role (migration 0006) and grant it to the CDL database user",
                 ) from exc
             known = conn.execute(
@@ -296,7 +305,7 @@ class LabelStore:
                     f"see 'cdl label snapshot list {self.case.name}'",
                 )
             return conn.execute(
-                """SELECT source, label FROM snapshot_train
+                f"""SELECT source, label FROM {view}
                    WHERE use_case = %s AND snapshot = %s ORDER BY source""",
                 [self.case.name, snapshot],
             ).fetchall()
