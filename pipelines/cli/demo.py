@@ -1,6 +1,7 @@
 """`cdl demo`: the platform end to end on the local stack, for the BBC news use case. Safe to
 run again: the same corpus makes a commit with unchanged content, the pipelines reuse every
-datum, no task is imported twice and no label loaded twice."""
+datum, no task is imported twice and no label loaded twice; unchanged labels reuse the last
+snapshot, and a snapshot already searched reuses its experiment, version and champion."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import typer
+import yaml
 
 from pipelines.cli.context import cli_context, console
 from pipelines.cli.lineage import render
@@ -20,8 +22,14 @@ from pipelines.data import bbc, formats
 from pipelines.data.backend import Ref, data_backend, pipeline_backend
 from pipelines.data.labeling.service import Labeling
 from pipelines.data.labeling.spec import USE_CASES, use_case
+from pipelines.model.approvals import approve
+from pipelines.model.evaluation import evaluate
+from pipelines.model.experiments import experiment_engine
+from pipelines.model.registry import Registry, register, registered_name
 
 RAW_REPO = "bbc-raw"
+DEMO_EXPERIMENT = "bbc-news-demo"
+DEMO_GATE = 0.8  # test accuracy the demo's model must reach
 STEPS = ("clean", "validate", "report")
 
 
@@ -31,7 +39,9 @@ def demo(
 ) -> None:
     """Run the demo on the selected stack: bring the stack up with Label Studio, version a
     generated BBC-like corpus, run the BBC data pipeline (clean, validate, report), label the
-    validated articles in Label Studio, export the labels to Postgres and freeze a snapshot."""
+    validated articles in Label Studio, export the labels to Postgres and freeze a snapshot; then
+    a small ASHA search on it, register the best trial, evaluate it on the test split and
+    approve it as champion, with its lineage."""
     stack = cli_context(ctx).stack
     console.rule("CDL demo: the stack")
     with console.status("bringing the stack up (Label Studio's first start takes a minute)"):
@@ -88,11 +98,96 @@ def demo(
         f"export: {result.rows} labels, {result.loaded} new row(s) loaded; raw export "
         f"in {result.commit.ref}"
     )
-    name = time.strftime("demo-%Y%m%d-%H%M%S")
-    rows = labeling.snapshot(name)
-    console.print(f"snapshot bbc_news/{name}: {rows} labels")
+    latest = labeling.snapshots()[:1]
+    if latest and labeling.unchanged_since(latest[0]["name"]):
+        name = latest[0]["name"]
+        console.print(f"snapshot bbc_news/{name}: the labels are unchanged since, reused")
+    else:
+        name = time.strftime("demo-%Y%m%d-%H%M%S")
+        console.print(f"snapshot bbc_news/{name}: {labeling.snapshot(name)} labels")
     console.print(render(lineage.show(stack, f"label_snapshot:bbc_news/{name}", depth=6)))
+
+    console.rule("model pipeline: ASHA search, registry, evaluation gate, approval")
+    experiment = _search(stack, name)
+    champion = _promote(stack, experiment)
     console.print(
-        "Next: [bold]cdl label snapshot show bbc_news " + name + "[/], "
-        "[bold]cdl data job list[/], [bold]cdl stack down[/]."
+        f"champion [bold]{champion.ref}[/]: test accuracy {champion.tags.get('cdl.eval.accuracy')}"
+        f", {champion.tags.get('cdl.parameters')} parameters, "
+        f"{champion.tags.get('cdl.latency_ms')} ms per article"
     )
+    console.print(render(lineage.show(stack, f"model_version:{champion.ref}", depth=8)))
+    console.print(
+        "Next: [bold]cdl experiment show " + str(experiment.id) + "[/], "
+        "[bold]cdl model show " + champion.ref + "[/], [bold]cdl ui[/], "
+        "[bold]cdl stack down[/]."
+    )
+
+
+def _search(stack, snapshot: str):
+    """The demo's small ASHA search on `snapshot`: the one that already completed on it, or a
+    new one (its workers run here, as with 'cdl experiment submit --wait')."""
+    experiments = experiment_engine(stack)
+    for experiment in experiments.list():
+        if (experiment.name, experiment.snapshot, experiment.state) == (
+            DEMO_EXPERIMENT,
+            snapshot,
+            "completed",
+        ):
+            console.print(f"experiment {experiment.id} already searched this snapshot, reused")
+            return experiment
+    spec = yaml.safe_load((USE_CASES / "bbc_news" / "model" / "search.yaml").read_text())
+    spec["name"] = DEMO_EXPERIMENT
+    spec["data"]["snapshot"] = snapshot
+    spec["searcher"].update(max_trials=4, max_time=4, divisor=2, max_rungs=2)
+    path = stack.settings.home / "demo" / "search.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    submitted = experiments.submit(path, attached=True).experiment
+    console.print(
+        f"experiment {submitted.id}: ASHA over {submitted.max_trials} trials of up to "
+        f"{submitted.max_epochs} epochs, {submitted.workers} workers"
+    )
+    with console.status("training"):
+        experiment = experiments.wait(submitted.id)
+    if experiment.state != "completed":
+        raise CDLError(
+            f"the demo experiment {experiment.id} ended {experiment.state}: {experiment.error}",
+            f"see 'cdl experiment logs {experiment.id}'",
+        )
+    console.print(
+        f"best trial {experiment.best_trial}: {experiment.metric} {experiment.best_metric:.3f}"
+    )
+    return experiment
+
+
+def _promote(stack, experiment):
+    """Register the experiment's best trial (unless it was), evaluate it and approve it; the
+    champion."""
+    registry = Registry(stack)
+    name = registered_name("bbc_news")
+    versions = registry.versions(name)
+    mine = [v for v in versions if v.tags.get("cdl.experiment") == str(experiment.id)]
+    if mine:
+        version = mine[0]
+        console.print(f"{version.ref} was registered from experiment {experiment.id}, reused")
+    else:
+        version = register(stack, str(experiment.id)).version
+        console.print(f"registered {version.ref} from experiment {experiment.id}")
+    if not version.passed:
+        gate = evaluate(stack, version.ref, min_accuracy=DEMO_GATE)
+        console.print(
+            f"evaluated {version.ref} on its snapshot's test split: accuracy "
+            f"{gate.scores.accuracy:.3f} (gate {DEMO_GATE}) -> "
+            + ("passed: candidate" if gate.passed else "failed")
+            + f"; report {gate.report}"
+        )
+        if not gate.passed:
+            raise CDLError(
+                f"{version.ref} did not pass the demo's gate",
+                f"see {gate.report}",
+            )
+    champion = registry.champion(name)
+    if champion is None or champion.version != version.version:
+        approve(stack, version.ref, by="cdl demo", reason="passed the evaluation gate")
+        console.print(f"approved {version.ref}: champion")
+    return registry.champion(name)

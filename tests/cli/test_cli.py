@@ -79,7 +79,7 @@ def test_commands_needing_the_database_say_to_start_the_stack(project_dir):
     assert "run 'cdl stack up'" in result.stderr
 
 
-def test_demo_runs_the_bbc_news_data_and_labeling_loop(project_dir):
+def test_demo_runs_the_bbc_news_data_labeling_and_model_loop(project_dir):
     folder = project_dir()
     try:
         result = cdl("demo", "--docs", "40", cwd=folder, timeout=600)
@@ -91,10 +91,20 @@ def test_demo_runs_the_bbc_news_data_and_labeling_loop(project_dir):
         assert "41 new task(s), 0 already there" in out  # 40 articles + the latin-1 one
         assert "annotated 41 task(s)" in out
         assert "snapshot bbc_news/demo-" in out and "label_snapshot bbc_news/demo-" in out
+        # The model pipeline on that snapshot: search, register, gate, approve, lineage.
+        assert "experiment 1: ASHA over 4 trials" in out
+        assert "registered bbc-news/1 from experiment 1" in out
+        assert "passed: candidate" in out and "approved bbc-news/1: champion" in out
+        assert "champion bbc-news/1" in out and "model_version bbc-news/1" in out
         again = cdl("demo", "--docs", "40", cwd=folder, timeout=600)
         assert again.returncode == 0, again.stderr
-        assert "0 new task(s), 41 already there" in again.stdout
-        assert "0 datums run" in again.stdout and "0 new row(s) loaded" in again.stdout
+        rerun = again.stdout
+        assert "0 new task(s), 41 already there" in rerun
+        assert "0 datums run" in rerun and "0 new row(s) loaded" in rerun
+        assert "the labels are unchanged since, reused" in rerun
+        assert "experiment 1 already searched this snapshot, reused" in rerun
+        assert "bbc-news/1 was registered from experiment 1, reused" in rerun
+        assert "champion bbc-news/1" in rerun and "approved bbc-news" not in rerun
     finally:
         cdl("stack", "down", cwd=folder)
 

@@ -319,5 +319,8 @@ class Labeling:
     def snapshots(self) -> list[dict]:
         return self.store.snapshots()
 
+    def unchanged_since(self, snapshot: str) -> bool:
+        return self.store.unchanged_since(snapshot)
+
     def snapshot_rows(self, name: str, split: str | None = None) -> list[dict]:
         return self.store.snapshot_rows(name, split)

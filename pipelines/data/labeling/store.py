@@ -254,6 +254,23 @@ class LabelStore:
                     lineage.consumed(conn, node, upstream)
         return count
 
+    def unchanged_since(self, snapshot: str) -> bool:
+        """Whether the current labels are exactly snapshot `snapshot`'s (same sources, labels
+        and splits): a new snapshot would hold nothing new."""
+        with self.stack.connect() as conn:
+            return conn.execute(
+                """SELECT NOT EXISTS (
+                       (SELECT source, label, split FROM labels_current WHERE use_case = %(u)s
+                        EXCEPT SELECT source, label, split FROM label_snapshot_rows
+                               WHERE use_case = %(u)s AND snapshot = %(s)s)
+                       UNION ALL
+                       (SELECT source, label, split FROM label_snapshot_rows
+                        WHERE use_case = %(u)s AND snapshot = %(s)s
+                        EXCEPT SELECT source, label, split FROM labels_current
+                               WHERE use_case = %(u)s))""",
+                {"u": self.case.name, "s": snapshot},
+            ).fetchone()[0]
+
     def snapshots(self) -> list[dict]:
         """The use case's snapshots, newest first: name, rows, created_at."""
         with self.stack.connect() as conn, conn.cursor(row_factory=dict_row) as cur:
