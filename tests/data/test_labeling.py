@@ -20,6 +20,7 @@ from unittest.mock import ANY
 import httpx
 import psycopg
 import pytest
+import yaml
 
 from pipelines.core import lineage
 from pipelines.core.errors import CDLError
@@ -733,11 +734,11 @@ def fresh_articles(tmp_path, seed: int, docs: int):
 
 
 def test_champion_model_pre_annotates_new_tasks(lab, tmp_path):
-    import pandas as pd
-
-    from pipelines.model.registry import CHAMPION
+    from pipelines.model.approvals import approve
+    from pipelines.model.evaluation import evaluate
+    from pipelines.model.experiments import experiment_engine
+    from pipelines.model.registry import CHAMPION, register
     from tests.conftest import register_model
-    from tests.model.models import nearest_centroid
 
     stack, labeling, _ = lab
     repos, folder = DataRepos(stack), stack.settings.root
@@ -760,20 +761,22 @@ def test_champion_model_pre_annotates_new_tasks(lab, tmp_path):
     assert "no 'champion' version of model bbc-news yet" in result.stderr
     assert new and all(not labeling.client.task(task_id)["predictions"] for task_id, _ in new)
 
-    # A real (small) model trained on the snapshot's train labels becomes the champion.
+    # A model trained by the platform on the snapshot's train labels (the use case's training
+    # spec, shortened) passes the gate and becomes the champion.
     labeling.auto_annotate()
     labeling.export()
     labeling.snapshot("champion-training")
-    texts, labels = [], []
-    for row in labeling.snapshot_rows("champion-training", "train"):
-        ref = Ref.parse(row["source"])
-        [entry] = repos.files(repos.resolve(ref), ref.path)
-        texts.append(b"".join(repos.store.read_chunks(entry.sha256)).decode())
-        labels.append(row["label"])
-    fitted = nearest_centroid.fit(pd.DataFrame({"text": texts}), labels, tmp_path / "fit.json")
-    version = register_model(
-        stack, "bbc-news", "nearest_centroid", alias=CHAMPION, artifacts={"centroids": str(fitted)}
-    )
+    spec = yaml.safe_load((REPO / "use_cases" / "bbc_news" / "model" / "train.yaml").read_text())
+    spec["data"]["snapshot"] = "champion-training"
+    spec["hyperparameters"]["epochs"] = 6
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(spec))
+    experiments = experiment_engine(stack)
+    submitted = experiments.submit(tmp_path / "train.yaml", attached=True).experiment
+    experiment = experiments.wait(submitted.id)
+    assert experiment.state == "completed", experiment.error
+    version = register(stack, str(experiment.id)).version.version
+    assert evaluate(stack, f"bbc-news/{version}", min_accuracy=0.8).passed
+    approve(stack, f"bbc-news/{version}", by="test", reason="trained by the platform")
 
     result, new = add_and_sync(fresh_articles(tmp_path, seed=22, docs=20), "--pre-annotate")
     assert result.returncode == 0, result.stderr
@@ -801,8 +804,9 @@ def test_champion_model_pre_annotates_new_tasks(lab, tmp_path):
     assert result.returncode == 1
     assert "label 'weather' is not in the labeling config" in result.stderr
     assert f"bbc-news/{int(version) + 1}" in result.stderr and new == []
+    predictions = str(tmp_path / "train.yaml")  # any file: the two options exclude each other
     both = cdl(
-        "label", "sync", "bbc_news", "--pre-annotate", "--predictions", str(fitted), cwd=folder
+        "label", "sync", "bbc_news", "--pre-annotate", "--predictions", predictions, cwd=folder
     )
     assert both.returncode == 1 and "choose one of them" in both.stderr
     result, new = add_and_sync(articles)  # without pre-annotations the same files import
