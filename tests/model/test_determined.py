@@ -32,7 +32,7 @@ from pipelines.model.determined import (
 from pipelines.model.spec import load_experiment
 from pipelines.model.trainer import Features, LabeledFile
 from pipelines.plugins import backend_class, trainer_class
-from tests.conftest import REPO
+from tests.conftest import REPO, cdl
 
 SPEC = REPO / "use_cases" / "bbc_news" / "model" / "train.yaml"
 TRAINER = "pipelines.model.trainers.bbc_news:BBCNewsTrainer"
@@ -183,6 +183,18 @@ def test_an_unreachable_master_is_unavailable_with_a_fix(unreachable, context):
         problem = f"Determined master {master} does not answer: Connection refused"
         assert caught.value.problem == problem
         assert "experiments.determined_master" in caught.value.fix
+
+
+def test_the_cli_says_so_in_one_line(det_python, project_dir):
+    master = f"http://127.0.0.1:{free_port()}"
+    experiments = {"engine": "determined", "determined_master": master}
+    folder = project_dir({"stacks": {"local": {"home": ".cdl", "experiments": experiments}}})
+    done = cdl("experiment", "list", cwd=folder, env={"CDL_VENVS": str(VENV.parent)})
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"error: Determined master {master} does not answer: Connection refused (fix: start it, "
+        "or point experiments.determined_master (CDL_EXPERIMENTS__DETERMINED_MASTER) at it)"
+    )
 
 
 def test_workers_are_determineds(unreachable):
