@@ -6,6 +6,8 @@ loads) the snapshot's features with the transformation registry (features.py), a
 experiment's context directory (`build_context`):
 
     pipelines/             the platform package (no caches): the trainers and the entrypoint
+    <package>/             a trainer's top-level package when it is not in `pipelines`
+                           (a spec's data.trainer)
     features/              arrays.npz + meta.json (Features.save): the trial reads these, never
                            the stack
     cdl-experiment.yaml    the config sent (for `det experiment create cdl-experiment.yaml .`)
@@ -33,6 +35,7 @@ metrics, checkpoints and, in each completed trial's last checkpoint, the model u
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -92,6 +95,21 @@ def _ignore(folder: str, names: list[str]) -> list[str]:
     return [n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo"))]
 
 
+def _copy_package(name: str, folder: Path) -> None:
+    """A trainer's top-level package (or module), so that the trial can import it."""
+    if (folder / name).exists():
+        return
+    found = importlib.util.find_spec(name)
+    if found is None or found.origin is None and not found.submodule_search_locations:
+        raise Invalid(
+            f"the trainer's package {name} cannot be found", "check data.trainer (module:Class)"
+        )
+    if found.submodule_search_locations:
+        shutil.copytree(next(iter(found.submodule_search_locations)), folder / name, ignore=_ignore)
+    else:
+        shutil.copy2(found.origin, folder / Path(found.origin).name)
+
+
 def build_context(
     spec: ExperimentSpec,
     spec_path: Path,
@@ -105,6 +123,7 @@ def build_context(
     when it is bigger than Determined accepts."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copytree(CHECKOUT / "pipelines", folder / "pipelines", ignore=_ignore)
+    _copy_package(trainer.partition(":")[0].split(".")[0], folder)
     features.save(folder / FEATURES_FOLDER)
     config = spec.canonical()
     data = dict(config.get("data") or {})

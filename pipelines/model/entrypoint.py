@@ -18,13 +18,14 @@ trial needs no access to the stack. What the trial reads:
 What it does: builds the use case's Trainer (`data.cdl.trainer`, else the plugin table's),
 restores `info.latest_checkpoint` with `checkpoint.restore_path` into a local folder where the
 trainer finds its last epoch, and runs `fit`. After each epoch (which the trainer checkpoints
-before reporting) the report stores that checkpoint with `checkpoint.store_path({"steps_completed":
-epoch})`, reports `loss` and the other training metrics with `report_training_metrics`, and the
-`val_*` metrics, the searcher's metric and `epochs` (the time metric ASHA in 0.38 reads: the
-master stops a trial through its validation metrics) with `report_validation_metrics`, then asks
-`preempt.should_preempt()`: when the master preempts the trial (a pause, a rescheduling, or ASHA
-stopping it) the report returns False and the trial ends after that checkpoint; the next run of
-the trial resumes from it. A trial that trains its whole length saves the model (`save_model`, an
+before reporting) the report stores the trainer's checkpoint folder with
+`checkpoint.store_path({"steps_completed": epoch})`, reports `loss` and the other training
+metrics with `report_training_metrics`, and the `val_*` metrics, the searcher's metric and
+`epochs` (the time metric ASHA in 0.38 reads: the master stops a trial through its validation
+metrics) with `report_validation_metrics`, then asks `preempt.should_preempt()`: when the master
+preempts the trial (a pause, a rescheduling, or ASHA stopping it) the report returns False and
+the trial ends after that checkpoint; the next run of the trial resumes from it. A trial that
+trains its whole length saves the model (`save_model`, an
 MLflow pyfunc model) in one last checkpoint, under `model/`.
 
 Without a cluster (`det.core.init()`'s local mode: reports are logged, checkpoints go to a
@@ -172,6 +173,12 @@ def split_metrics(
     return training, validation
 
 
+def _not_the_trainers(folder: str, names: list[str]) -> list[str]:
+    """What a Determined checkpoint holds beside the trainer's checkpoint folder: its metadata,
+    the saved model; and the trainer's half-written files (hidden)."""
+    return [n for n in names if n.startswith(".") or n in ("metadata.json", MODEL_FOLDER)]
+
+
 def run_trial(core: Any, setup: TrialSetup) -> dict:
     """Train one trial under a Core API context; return how it ended (also logged as the run's
     last line)."""
@@ -206,16 +213,12 @@ def run_trial(core: Any, setup: TrialSetup) -> dict:
         work.mkdir()
         if setup.latest_checkpoint:
             with core.checkpoint.restore_path(setup.latest_checkpoint) as path:
-                for item in Path(path).iterdir():
-                    if item.name.startswith("epoch-"):
-                        shutil.copy2(item, work / item.name)
+                shutil.copytree(path, work, ignore=_not_the_trainers, dirs_exist_ok=True)
             logger.info(f"resuming from checkpoint {setup.latest_checkpoint}")
 
         def report(epoch: int, metrics: Mapping[str, float]) -> bool:
             with core.checkpoint.store_path({"steps_completed": epoch}) as (path, storage_id):
-                for item in work.iterdir():
-                    if item.name.startswith("epoch-"):
-                        shutil.copy2(item, Path(path) / item.name)
+                shutil.copytree(work, path, ignore=_not_the_trainers, dirs_exist_ok=True)
             training, validation = split_metrics(epoch, metrics, searcher_metric)
             core.train.report_training_metrics(steps_completed=epoch, metrics=training)
             core.train.report_validation_metrics(steps_completed=epoch, metrics=validation)
@@ -233,9 +236,7 @@ def run_trial(core: Any, setup: TrialSetup) -> dict:
         ended["epoch"] = max(ended["epoch"], done)
         if ended["state"] == "completed" and done >= max_epochs:
             with core.checkpoint.store_path({"steps_completed": done}) as (path, storage_id):
-                for item in work.iterdir():
-                    if item.name.startswith("epoch-"):
-                        shutil.copy2(item, Path(path) / item.name)
+                shutil.copytree(work, path, ignore=_not_the_trainers, dirs_exist_ok=True)
                 model.save_model(Path(path) / MODEL_FOLDER)
             ended["checkpoint"] = storage_id
             logger.info(f"model saved in checkpoint {storage_id} ({MODEL_FOLDER}/)")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,8 @@ from pipelines.core.config import load_settings
 from pipelines.core.errors import ConfigError, Invalid, NotFound, Unavailable, Unsupported
 from pipelines.core.postgres import free_port
 from pipelines.data import bbc
+from pipelines.data.labeling.spec import use_case
+from pipelines.data.labeling.store import LabelStore
 from pipelines.model.determined import (
     CONFIG_FILE,
     DeterminedExperiments,
@@ -29,10 +33,11 @@ from pipelines.model.determined import (
     to_experiment,
     to_trial,
 )
+from pipelines.model.experiments import experiment_engine
 from pipelines.model.spec import load_experiment
 from pipelines.model.trainer import Features, LabeledFile
 from pipelines.plugins import backend_class, trainer_class
-from tests.conftest import REPO, cdl
+from tests.conftest import REPO, cdl, destroy, make_project, stack_for
 
 SPEC = REPO / "use_cases" / "bbc_news" / "model" / "train.yaml"
 TRAINER = "pipelines.model.trainers.bbc_news:BBCNewsTrainer"
@@ -67,12 +72,18 @@ def context(features, tmp_path_factory):
 
 
 def run_trial(det_python, context, tmp_path, name, **trial) -> tuple[int, str]:
-    """The entrypoint as a trial runs it (cwd: the context), described by a local-trial file."""
+    """A BBC trial of `context` (small hyperparameters), see `run_entrypoint`."""
     hparams = {k: v["val"] for k, v in context.config["hyperparameters"].items()}
     hparams.update(hidden=32, vocabulary=500, batch_size=16)
     hparams.update(trial.pop("hparams", {}))
+    config = trial.pop("config", context.config)
+    return run_entrypoint(det_python, context.folder, config, hparams, tmp_path, name, **trial)
+
+
+def run_entrypoint(det_python, folder, config, hparams, tmp_path, name, **trial):
+    """The entrypoint as a trial runs it (cwd: the context), described by a local-trial file."""
     described = {
-        "config": context.config,
+        "config": config,
         "hparams": hparams,
         "checkpoint_storage": str(tmp_path / "storage"),
         "trial_seed": 7,
@@ -84,7 +95,7 @@ def run_trial(det_python, context, tmp_path, name, **trial) -> tuple[int, str]:
     env.update(CDL_LOCAL_TRIAL=str(file), OMP_NUM_THREADS="1")
     done = subprocess.run(
         [str(det_python), "-m", "pipelines.model.entrypoint"],
-        cwd=context.folder,
+        cwd=folder,
         env=env,
         capture_output=True,
         text=True,
@@ -373,3 +384,102 @@ def test_the_entrypoint_fails_clearly_without_a_trial_or_tensorflow(det_python, 
     code, log = run_trial(det_python, context, tmp_path, "fashion", config=fashion)
     assert code == 2  # setup/determined-constraints.txt leaves TensorFlow out
     assert "fashion_mnist trains with TensorFlow, which this environment does not have" in log
+
+
+# -- submit on a real stack -------------------------------------------------------------------
+
+TOY = {
+    "use_case": "bbc_news",
+    "snapshot": "latest",
+    "trainer": "tests.model.toy_trainer:ToyTrainer",
+    "features": "tests.model.toy_trainer:toy_features",
+}
+
+
+@pytest.fixture(scope="module")
+def toy_stack(det_python):
+    """A running stack on the determined engine (at a master that does not answer), with two
+    label snapshots of bbc_news."""
+    experiments = {"engine": "determined", "determined_master": f"http://127.0.0.1:{free_port()}"}
+    stack = stack_for(
+        make_project({"stacks": {"local": {"home": ".cdl", "experiments": experiments}}})
+    )
+    stack.up()
+    store = LabelStore(stack, use_case("bbc_news"))
+    rows = [
+        {
+            "path": f"/business/{i}.txt",
+            "source": f"bbc-news-validated@c0ffee:/business/{i}.txt",
+            "label": "business",
+            "labeler": "tester@example.com",
+            "labeled_at": datetime.now(timezone.utc),
+            "task_id": i,
+            "annotation_id": i,
+            "export_commit": "export-1",
+        }
+        for i in range(4)
+    ]
+    store.load(rows, [r["annotation_id"] for r in rows], "export-1", None)
+    store.snapshot("first")
+    store.snapshot("second")
+    yield stack
+    destroy(stack)
+
+
+def test_submit_sends_the_spec_features_and_code_a_trial_needs(
+    det_python, toy_stack, tmp_path, monkeypatch
+):
+    spec = toy_stack.settings.root / "toy.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "toy",
+                "entrypoint": "python3 -m pipelines.model.entrypoint",
+                "data": TOY,
+                "hyperparameters": {"epochs": 3, "learning_rate": 0.5},
+                "searcher": {
+                    "name": "single",
+                    "metric": "val_accuracy",
+                    "smaller_is_better": False,
+                },
+            }
+        )
+    )
+    engine = experiment_engine(toy_stack)
+    assert isinstance(engine, DeterminedExperiments)
+    with pytest.raises(Unavailable, match="does not answer: Connection refused"):
+        engine.submit(spec)
+    assert not list((toy_stack.settings.home / "determined").iterdir())  # no context left behind
+
+    sent = {}
+    bridge = engine.call
+
+    def create(op, timeout_s=120, **request):  # what the SDK would send, then stop
+        assert op == "create"
+        shutil.copytree(request["model_dir"], tmp_path / "context")
+        sent.update(bridge("request", **request), request=request)
+        raise Unavailable("stopped before sending")
+
+    monkeypatch.setattr(engine, "call", create)
+    with pytest.raises(Unavailable, match="stopped before sending"):
+        engine.submit(spec)
+    config = sent["request"]["config"]
+    assert yaml.safe_load(sent["config"]) == config
+    assert config["data"]["snapshot"] == "second"  # latest, resolved
+    assert config["data"]["cdl"]["trainer"] == TOY["trainer"]
+    assert config["labels"] == ["cdl"]
+    assert {"tests/model/toy_trainer.py", "features/arrays.npz", "pipelines/plugins.py"} <= set(
+        sent["files"]
+    )
+
+    # The trial runs from exactly that context.
+    hparams = {"epochs": 3, "learning_rate": 0.5}
+    code, log = run_entrypoint(det_python, tmp_path / "context", config, hparams, tmp_path, "toy")
+    assert code == 0, log[-3000:]
+    assert [s for s, _ in reports(log, "validation")] == [1, 2, 3]
+    losses = [m["val_loss"] for _, m in reports(log, "validation")]
+    assert losses[-1] < losses[0]  # it learns
+    state, epoch, last = ended(log)
+    assert (state, epoch) == ("completed", 3)
+    assert (tmp_path / "storage" / last / "last.npz").is_file()
+    assert (tmp_path / "storage" / last / "model" / "MLmodel").is_file()
