@@ -225,7 +225,9 @@ def to_experiment(raw: dict, trials: list[Trial] | None = None) -> Experiment:
     data = config.get("data") or {}
     cdl = data.get("cdl") or {}
     name = searcher.get("name", "")
-    max_trials = 1 if name == "single" else int(searcher.get("max_trials") or raw["numTrials"])
+    max_trials = (
+        1 if name == "single" else int(searcher.get("max_trials") or raw.get("numTrials") or 1)
+    )
     return Experiment(
         id=int(raw["id"]),
         name=raw.get("name") or config.get("name") or "",

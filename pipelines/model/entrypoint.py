@@ -220,7 +220,8 @@ def run_trial(core: Any, setup: TrialSetup) -> dict:
             with core.checkpoint.store_path({"steps_completed": epoch}) as (path, storage_id):
                 shutil.copytree(work, path, ignore=_not_the_trainers, dirs_exist_ok=True)
             training, validation = split_metrics(epoch, metrics, searcher_metric)
-            core.train.report_training_metrics(steps_completed=epoch, metrics=training)
+            if training:
+                core.train.report_training_metrics(steps_completed=epoch, metrics=training)
             core.train.report_validation_metrics(steps_completed=epoch, metrics=validation)
             core.train.report_progress(min(1.0, epoch / max_epochs))
             ended.update(epoch=epoch, checkpoint=storage_id)
