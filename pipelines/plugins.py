@@ -40,6 +40,7 @@ PLUGINS: dict[str, dict[str, str]] = {
     # Hyperparameter searches and their trials (port: model/experiments.py ExperimentEngine).
     "experiments": {
         "local": "pipelines.model.search:LocalExperiments",
+        "determined": "pipelines.model.determined:DeterminedExperiments",
     },
     # A use case's model: preprocessing, training, the saved model (port: model/trainer.py
     # Trainer). Keyed by use case, not engine: each use case has its one trainer.

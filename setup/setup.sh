@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Prepare this machine for CDL (`make setup`): system packages, then three Python environments,
+# Prepare this machine for CDL (`make setup`): system packages, then four Python environments,
 #   .venv                      the platform and its training stack (the `cdl` command)
 #   .cdl/venvs/label-studio    the Label Studio server
 #   .cdl/venvs/serving         the seldon-core microservice (pins old protobuf/numpy)
+#   .cdl/venvs/determined      Determined's client and trial entrypoint (pins requests<2.32)
 # Idempotent: each environment carries a stamp of what it was built from and is rebuilt only when
 # that changes, so a second run takes about a second.
 set -euo pipefail
@@ -95,4 +96,16 @@ if needs_build "$VENVS/serving" "$stamp"; then
     echo "$stamp" > "$VENVS/serving/.cdl-stamp"
 fi
 
-say "ready: .venv/bin/cdl, $VENVS/label-studio, $VENVS/serving"
+stamp=$(stamp_of setup/determined-constraints.txt)
+if needs_build "$VENVS/determined" "$stamp"; then
+    say "Determined environment ($VENVS/determined): determined 0.38.1, torch $TORCH_VERSION, lightning"
+    # The platform package is not installed here: the bridge and the trial entrypoint import it
+    # from the checkout (PYTHONPATH) or from an experiment's context directory (its cwd).
+    pip_quiet "$VENVS/determined/bin/pip" "torch==$TORCH_VERSION" \
+        || fail "pip install torch==$TORCH_VERSION (Determined environment) failed"
+    pip_quiet "$VENVS/determined/bin/pip" -c setup/determined-constraints.txt "determined==0.38.1" \
+        lightning nltk mlflow-skinny pandas || fail "pip install determined failed"
+    echo "$stamp" > "$VENVS/determined/.cdl-stamp"
+fi
+
+say "ready: .venv/bin/cdl, $VENVS/label-studio, $VENVS/serving, $VENVS/determined"

@@ -43,6 +43,17 @@ def test_serving_environment_keeps_its_old_pins_apart():
     assert int(protobuf.split(".")[0]) < 4 and int(numpy.split(".")[0]) < 2
 
 
+def test_determined_environment_keeps_its_requests_pin_apart():
+    versions = python_in(
+        "determined",
+        "import importlib.metadata as m; "
+        "print(m.version('determined'), m.version('requests'), m.version('torch'))",
+    )
+    determined, requests, torch = versions.split()
+    assert determined == "0.38.1" and torch.startswith("2.13.0")
+    assert tuple(int(n) for n in requests.split(".")[:2]) < (2, 32)
+
+
 @pytest.fixture
 def supervisor(tmp_path):
     sup = Supervisor(tmp_path / "home")

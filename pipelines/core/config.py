@@ -163,8 +163,23 @@ class ExperimentsConfig(_Strict):
     engine: Literal[engines("experiments")] = Field(
         "local",
         description="local: Optuna workers on this stack's Postgres (more can join from other "
-        "machines with 'cdl experiment worker')",
+        "machines with 'cdl experiment worker'); determined: a Determined master",
     )
+    determined_master: str = Field(
+        "http://localhost:8080",
+        description="with engine: determined, the master's URL; its credentials come from the "
+        "environment (DET_USER and DET_PASS, or DET_USER and DET_USER_TOKEN) or from "
+        "'det user login', never from cdl.yaml",
+    )
+
+    @field_validator("determined_master")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"determined_master must be an http(s):// URL, got {value!r}")
+        if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("determined_master must not hold credentials: use DET_USER/DET_PASS")
+        return value.rstrip("/")
 
 
 class StackConfig(_Strict):

@@ -9,7 +9,8 @@ Backends (pipelines/plugins.py, concern `experiments`; a stack picks one with
 `experiments.engine`):
 - `local` (search.py): an Optuna study on the stack's Postgres and worker processes on this
   machine, which workers on other machines reaching the same Postgres can join;
-- `determined` (later): the same spec sent to a Determined master.
+- `determined` (determined.py): the same spec sent to a Determined master with Determined's own
+  client, its trials running `pipelines.model.entrypoint` (the same trainers, on the Core API).
 
 Adding one is a class implementing `ExperimentEngine`, returning these dataclasses (never an
 engine's own objects), one line in the plugin table, and tests/model's contract passing for it.

@@ -32,6 +32,7 @@ nothing that needs the stack.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,47 @@ class Features:
     # Where the transformation registry (features.py) keeps them: {"key": lineage key, "bytes":
     # stored size}; empty when they come from elsewhere. Runs tag it (cdl.features).
     origin: dict[str, Any] = field(default_factory=dict)
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ("x_train", "y_train", "x_val", "y_val")
+
+    def save(self, folder: Path) -> list[Path]:
+        """The features as files in `folder`: `arrays.npz` (compressed) and `meta.json` (labels,
+        preprocessing, validation carve), e.g. to travel with a Determined experiment's code.
+        Returns the files written."""
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays, meta = folder / "arrays.npz", folder / "meta.json"
+        with open(arrays, "wb") as out:
+            np.savez_compressed(out, **{name: getattr(self, name) for name in self.ARRAYS})
+        meta.write_text(
+            json.dumps(
+                {
+                    "labels": self.labels,
+                    "preprocessing": self.preprocessing,
+                    "validation": self.validation,
+                },
+                sort_keys=True,
+            )
+        )
+        return [arrays, meta]
+
+    @classmethod
+    def load(cls, folder: Path) -> Features:
+        """Features saved by `save`."""
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            with np.load(folder / "arrays.npz", allow_pickle=False) as arrays:
+                loaded = {name: arrays[name] for name in cls.ARRAYS}
+        except (OSError, ValueError, KeyError) as exc:
+            raise Invalid(
+                f"no readable features in {folder}: {exc}",
+                "save them with Features.save (cdl experiment submit does on Determined)",
+            ) from exc
+        return cls(
+            labels=meta["labels"],
+            **loaded,
+            preprocessing=meta["preprocessing"],
+            validation=meta["validation"],
+        )
 
 
 @dataclass(frozen=True)
