@@ -318,9 +318,21 @@ class PipelineEngine(PipelineBackend):
         return spec.model_copy(update={"datum_timeout": default})
 
     def pending(self) -> list[str]:
+        return self._due_and_running()[0]
+
+    def _due_and_running(self) -> tuple[list[str], int]:
+        """The pipelines with a due job, and how many jobs run, seen in one snapshot: read one
+        after another, a job could end (and make its downstream job due) between the check of
+        its downstream pipeline and its own, and look like nothing left to do."""
         with self.stack.connect() as conn:
-            names = [r[0] for r in conn.execute("SELECT name FROM pipelines ORDER BY name")]
-            return [n for n in names if self._plan(conn, n) is not None]
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            with conn.transaction():
+                names = [r[0] for r in conn.execute("SELECT name FROM pipelines ORDER BY name")]
+                due = [n for n in names if self._plan(conn, n) is not None]
+                running = conn.execute(
+                    "SELECT count(*) FROM pipeline_jobs WHERE state = 'running'"
+                ).fetchone()[0]
+        return due, running
 
     def run_pending(
         self, progress: Callable[[str], None] | None = None, timeout_s: float = 3600
@@ -330,14 +342,9 @@ class PipelineEngine(PipelineBackend):
         finished: list[Job] = []
         deadline = time.monotonic() + timeout_s
         while True:
-            due = self.pending()
-            if not due:
-                with self.stack.connect() as conn:
-                    running = conn.execute(
-                        "SELECT count(*) FROM pipeline_jobs WHERE state = 'running'"
-                    ).fetchone()[0]
-                if not running:
-                    return finished
+            due, running = self._due_and_running()
+            if not due and not running:
+                return finished
             ran = False
             for name in due:
                 job = self.run_job(name, progress)
