@@ -12,7 +12,8 @@ demo: setup
 	.venv/bin/cdl demo
 
 bench: setup
-	cd bench && for b in stack_startup data_put data_pipeline datum_batching data_listing label_load label_sync label_auto fashion_accuracy faults tracking_overhead; do \
+	cd bench && for b in stack_startup data_put data_pipeline datum_batching data_listing label_load label_sync label_auto fashion_accuracy faults tracking_overhead \
+		asha_vs_random search_workers feature_reuse fashion_throughput; do \
 		../.venv/bin/python $$b.py || exit 1; done
 
 # Stops the local stack and removes its state (databases, wherever the cluster lives; logs); the

@@ -107,3 +107,41 @@ def timed(fn) -> float:
 
 def run_shell(command: str) -> float:
     return timed(lambda: subprocess.run(command, shell=True, check=True, stdout=subprocess.DEVNULL))
+
+
+def bbc_snapshots(
+    stack: Stack, corpus: Path, docs: int, names: list[str], seed: int = 1, own_share: float = 0.37
+) -> None:
+    """`docs` generated BBC-like articles (clean, `own_share` of their words from their class's
+    vocabulary: see pipelines.data.bbc.generate) committed to bbc-validate:/valid, their true
+    classes loaded into the bbc_news label store as if exported from Label Studio, and frozen
+    in label snapshots `names` (what an experiment trains on), without Label Studio."""
+    from datetime import datetime, timezone
+
+    from pipelines.data import bbc
+    from pipelines.data.labeling.spec import use_case
+    from pipelines.data.labeling.store import LabelStore
+    from pipelines.data.repos import DataRepos, Ref
+
+    bbc.generate(corpus, docs, seed=seed, dirty=False, own_share=own_share)
+    repos = DataRepos(stack)
+    repos.create_repo("bbc-validate")
+    commit, _ = repos.put(Ref.parse("bbc-validate"), [corpus], dest="/valid")
+    now = datetime.now(timezone.utc)
+    rows = [
+        {
+            "path": entry.path,
+            "source": f"{commit.ref}:{entry.path}",
+            "label": entry.path.split("/")[2],
+            "labeler": "truth@cdl.local",
+            "labeled_at": now,
+            "task_id": number,
+            "annotation_id": number,
+            "export_commit": "bench",
+        }
+        for number, entry in enumerate(repos.files(commit, "/valid"), start=1)
+    ]
+    store = LabelStore(stack, use_case("bbc_news"))
+    store.load(rows, [r["annotation_id"] for r in rows], "bench", None)
+    for name in names:
+        store.snapshot(name)

@@ -38,6 +38,8 @@ VOCABULARY = {
     "technology games microsoft apple chip data service virus security search website gadget "
     "device download wireless",
 }
+SHARED_SHARE = 0.55  # of an article's words, drawn from SHARED
+OWN_SHARE = 0.37  # from the class's own vocabulary; the rest from the other classes'
 SHARED = (
     "the of to and a in that for is on said was with it as by he at from be have has "
     "but are which would an will not this year its been were they also who new more one "
@@ -105,31 +107,39 @@ def load(root: Path) -> LoadResult:
     return result
 
 
-def _sentence(rng: random.Random, label: str, words: int) -> str:
+def _sentence(rng: random.Random, label: str, words: int, own_share: float) -> str:
     own = VOCABULARY[label].split()
     others = [w for other, vocab in VOCABULARY.items() if other != label for w in vocab.split()]
     picked = []
     for _ in range(words):
         roll = rng.random()
-        pool = SHARED if roll < 0.55 else own if roll < 0.92 else others
+        pool = SHARED if roll < SHARED_SHARE else own if roll < SHARED_SHARE + own_share else others
         picked.append(rng.choice(pool))
     return " ".join(picked).capitalize() + "."
 
 
-def _article(rng: random.Random, label: str) -> str:
+def _article(rng: random.Random, label: str, own_share: float = OWN_SHARE) -> str:
     length = max(60, min(4000, int(rng.lognormvariate(math.log(330), 0.5))))
     title_words = VOCABULARY[label].split()
     title = " ".join(rng.choice(title_words) for _ in range(rng.randint(3, 7))).capitalize()
     paragraphs, written = [], 0
     while written < length:
-        sentences = [_sentence(rng, label, rng.randint(8, 28)) for _ in range(rng.randint(1, 4))]
+        sentences = [
+            _sentence(rng, label, rng.randint(8, 28), own_share) for _ in range(rng.randint(1, 4))
+        ]
         paragraphs.append(" ".join(sentences))
         written += sum(len(s.split()) for s in sentences)
     return title + "\n\n" + "\n\n".join(paragraphs) + "\n"
 
 
-def generate(out: Path, docs: int, seed: int = 0, dirty: bool = True) -> dict[str, int]:
+def generate(
+    out: Path, docs: int, seed: int = 0, dirty: bool = True, own_share: float = OWN_SHARE
+) -> dict[str, int]:
     """Write a BBC-like corpus of `docs` articles to `out`; return what was written by kind.
+
+    `own_share` is the share of body words drawn from the article's class vocabulary (the rest of
+    the non-shared words come from the other classes'): the default makes classes easy to tell
+    apart; about 0.1 makes them hard enough that models differ (bench/asha_vs_random.py).
 
     Class sizes follow the real corpus' proportions. With `dirty`, about 2% of extra files are
     broken in the ways a real drop can be: latin-1 bytes, a title with no body, a `.doc`
@@ -156,7 +166,7 @@ def generate(out: Path, docs: int, seed: int = 0, dirty: bool = True) -> dict[st
         (out / label).mkdir(parents=True, exist_ok=True)
         for _ in range(sizes[label]):
             path = next_path(label)
-            path.write_text(_article(rng, label), encoding="utf-8")
+            path.write_text(_article(rng, label, own_share), encoding="utf-8")
             clean.append(path)
             written["clean"] += 1
     if dirty:

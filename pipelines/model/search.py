@@ -86,6 +86,12 @@ WORKER_PREFIX = "experiment-{id}-worker-"
 CHECKPOINT_ARTIFACT = tracking.CHECKPOINT_ARTIFACT
 LEARNING_CURVES = tracking.LEARNING_CURVES
 CONFUSION_MATRIX = tracking.CONFUSION_MATRIX
+# OpenMP threads that sleep while waiting instead of spinning: a spinning thread burns the core
+# that another worker (or anything else on the machine) needs, and a trial on 2 threads of a busy
+# 2-core machine ran its epochs 5-10x slower than on 1 (bench/search_workers.py); sleeping, the
+# same as on 1. Read when the OpenMP runtime starts (torch's import): set in a worker's
+# environment.
+OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class TrialError(Exception):
@@ -327,7 +333,7 @@ class LocalExperiments(ExperimentEngine):
                 "--threads",
                 str(threads),
             )
-            env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **OMP_ENV}
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(n % gpus)
             service = ServiceSpec(service.name, service.argv, env, service.cwd, start_timeout_s=30)
@@ -422,6 +428,8 @@ class LocalExperiments(ExperimentEngine):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        for name, value in OMP_ENV.items():  # a worker started by hand (before torch loads)
+            os.environ.setdefault(name, value)
         stop = stop or threading.Event()
         experiment = self.store.get(experiment_id)
         recipe = self.store.recipe(experiment_id)

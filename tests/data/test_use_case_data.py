@@ -42,6 +42,23 @@ def test_generation_is_reproducible_and_refuses_a_used_folder(tmp_path):
         bbc.generate(tmp_path / "c", docs=2)
 
 
+def test_own_share_sets_how_many_words_come_from_the_class_vocabulary(tmp_path):
+    def own_fraction(folder: Path) -> float:
+        own = total = 0
+        for path in folder.rglob("*.txt"):
+            body = path.read_text().split("\n", 2)[2].lower().replace(".", " ").split()
+            vocabulary = set(bbc.VOCABULARY[path.parent.name].split())
+            own += sum(word in vocabulary for word in body)
+            total += len(body)
+        return own / total
+
+    bbc.generate(tmp_path / "easy", docs=50, seed=7, dirty=False)
+    bbc.generate(tmp_path / "hard", docs=50, seed=7, dirty=False, own_share=0.1)
+    # The shared words overlap a class vocabulary here and there: about, not exactly.
+    assert own_fraction(tmp_path / "easy") == pytest.approx(bbc.OWN_SHARE, abs=0.03)
+    assert own_fraction(tmp_path / "hard") == pytest.approx(0.1, abs=0.03)
+
+
 def test_loader_reads_articles_and_rejects_dirty_files_with_reasons(tmp_path):
     bbc.generate(tmp_path / "bbc", docs=400, seed=1)
     result = bbc.load(tmp_path / "bbc")

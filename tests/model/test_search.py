@@ -263,6 +263,28 @@ def test_without_restarts_left_the_trial_fails(stack):
     assert experiment.state == "failed" and "no trial completed" in experiment.error
 
 
+def test_workers_get_their_thread_share_and_sleeping_openmp_threads(stack):
+    engine = LocalExperiments(stack)
+    spec = spec_file(
+        stack,
+        "threads",
+        {"name": "random", "max_trials": 2, "max_concurrent_trials": 2},
+        {"epochs": 2, "learning_rate": 0.5, "sleep": 0.3},
+    )
+    submission = engine.submit(spec, attached=True)
+    environments = []
+    for child in engine._children:
+        raw = Path(f"/proc/{child.pid}/environ").read_bytes()
+        environments.append(dict(v.split("=", 1) for v in raw.decode().split("\0") if "=" in v))
+    assert engine.wait(submission.experiment.id, poll_s=0.2).state == "completed"
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    for env in environments:
+        # Spinning OpenMP threads slow every worker on a busy machine (search.OMP_ENV).
+        assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == share
+    assert len(environments) == 2
+
+
 def test_a_failing_trainer_fails_its_trial_and_the_experiment_goes_on(stack):
     engine = LocalExperiments(stack)
     spec = spec_file(
