@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,6 @@ from pipelines.core.config import load_settings
 from pipelines.core.errors import ConfigError, Invalid, NotFound, Unavailable, Unsupported
 from pipelines.core.postgres import free_port
 from pipelines.data import bbc
-from pipelines.data.labeling.spec import use_case
-from pipelines.data.labeling.store import LabelStore
 from pipelines.model.determined import (
     CONFIG_FILE,
     DeterminedExperiments,
@@ -38,6 +35,7 @@ from pipelines.model.spec import load_experiment
 from pipelines.model.trainer import Features, LabeledFile
 from pipelines.plugins import backend_class, trainer_class
 from tests.conftest import REPO, cdl, destroy, make_project, stack_for
+from tests.model.training_runs import placeholder_snapshots
 
 SPEC = REPO / "use_cases" / "bbc_news" / "model" / "train.yaml"
 TRAINER = "pipelines.model.trainers.bbc_news:BBCNewsTrainer"
@@ -405,23 +403,7 @@ def toy_stack(det_python):
         make_project({"stacks": {"local": {"home": ".cdl", "experiments": experiments}}})
     )
     stack.up()
-    store = LabelStore(stack, use_case("bbc_news"))
-    rows = [
-        {
-            "path": f"/business/{i}.txt",
-            "source": f"bbc-news-validated@c0ffee:/business/{i}.txt",
-            "label": "business",
-            "labeler": "tester@example.com",
-            "labeled_at": datetime.now(timezone.utc),
-            "task_id": i,
-            "annotation_id": i,
-            "export_commit": "export-1",
-        }
-        for i in range(4)
-    ]
-    store.load(rows, [r["annotation_id"] for r in rows], "export-1", None)
-    store.snapshot("first")
-    store.snapshot("second")
+    placeholder_snapshots(stack, "first", "second")
     yield stack
     destroy(stack)
 

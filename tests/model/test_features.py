@@ -4,7 +4,6 @@ once, then loaded by every later caller."""
 
 import threading
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 import psycopg
@@ -12,13 +11,12 @@ import pytest
 
 from pipelines.core import lineage
 from pipelines.core.errors import NotFound
-from pipelines.data import bbc
 from pipelines.data.labeling.spec import use_case
 from pipelines.data.labeling.store import LabelStore
-from pipelines.data.repos import DataRepos, Ref
 from pipelines.model import features as registry
 from pipelines.plugins import trainer_class
 from tests.conftest import destroy, make_project, stack_for
+from tests.model.training_runs import label_corpus
 
 
 @pytest.fixture(scope="module")
@@ -27,27 +25,8 @@ def labeled(tmp_path_factory):
     'first' and 'second'; yields the stack and {source: split}."""
     stack = stack_for(make_project())
     stack.up()
-    corpus = tmp_path_factory.mktemp("bbc") / "corpus"
-    bbc.generate(corpus, docs=150, seed=7, dirty=False)
-    repos = DataRepos(stack)
-    repos.create_repo("bbc-validate")
-    commit, _ = repos.put(Ref.parse("bbc-validate"), [corpus], dest="/valid")
-    now = datetime.now(timezone.utc)
-    rows = [
-        {
-            "path": entry.path,
-            "source": f"{commit.ref}:{entry.path}",
-            "label": entry.path.split("/")[2],
-            "labeler": "truth@cdl.local",
-            "labeled_at": now,
-            "task_id": number,
-            "annotation_id": number,
-            "export_commit": "none",
-        }
-        for number, entry in enumerate(repos.files(commit, "/valid"), start=1)
-    ]
+    label_corpus(stack, tmp_path_factory.mktemp("bbc"), docs=150, seed=7, dest="/valid", first_id=1)
     store = LabelStore(stack, use_case("bbc_news"))
-    store.load(rows, [r["annotation_id"] for r in rows], "none", None)
     store.snapshot("first")
     store.snapshot("second")
     splits = {r["source"]: r["split"] for r in store.snapshot_rows("first")}

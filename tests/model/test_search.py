@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -27,6 +26,7 @@ from pipelines.model.experiments import experiment_engine
 from pipelines.model.registry import registered_name
 from pipelines.model.search import LocalExperiments
 from tests.conftest import cdl, destroy, make_project, stack_for
+from tests.model.training_runs import placeholder_snapshots
 
 TOY = {
     "use_case": "bbc_news",
@@ -41,23 +41,7 @@ LEARNING_RATE = {"type": "log", "base": 10, "minval": -3, "maxval": 0.5}
 def stack():
     stack = stack_for(make_project())
     stack.up()
-    store = LabelStore(stack, use_case("bbc_news"))
-    rows = [
-        {
-            "path": f"/business/{i}.txt",
-            "source": f"bbc-news-validated@c0ffee:/business/{i}.txt",
-            "label": "business",
-            "labeler": "tester@example.com",
-            "labeled_at": datetime.now(timezone.utc),
-            "task_id": i,
-            "annotation_id": i,
-            "export_commit": "export-1",
-        }
-        for i in range(4)
-    ]
-    store.load(rows, [r["annotation_id"] for r in rows], "export-1", None)
-    store.snapshot("first")
-    store.snapshot("second")
+    placeholder_snapshots(stack, "first", "second")
     yield stack
     destroy(stack)
 

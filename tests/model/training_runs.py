@@ -40,6 +40,28 @@ def label_corpus(stack, folder: Path, docs: int, seed: int, dest: str, first_id:
     return _label_folder(stack, "bbc_news", "bbc-validate", corpus, dest, first_id)
 
 
+def placeholder_snapshots(stack, *names: str) -> None:
+    """Snapshots of four bbc_news labels whose files do not exist: enough for an experiment's
+    snapshot to resolve when its trainer makes its own data (tests/model/toy_trainer.py)."""
+    rows = [
+        {
+            "path": f"/business/{i}.txt",
+            "source": f"bbc-news-validated@c0ffee:/business/{i}.txt",
+            "label": "business",
+            "labeler": "tester@example.com",
+            "labeled_at": datetime.now(timezone.utc),
+            "task_id": i,
+            "annotation_id": i,
+            "export_commit": "export-1",
+        }
+        for i in range(4)
+    ]
+    store = LabelStore(stack, use_case("bbc_news"))
+    store.load(rows, [r["annotation_id"] for r in rows], "export-1", None)
+    for name in names:
+        store.snapshot(name)
+
+
 def label_fashion(stack, folder: Path, images: int) -> None:
     """The first `images` Fashion-MNIST training images as PNG files in fashion-validate:/valid,
     labeled with their classes."""
