@@ -319,13 +319,38 @@ def test_fashion_stops_resumes_and_fails_on_divergence(fashion_features, tmp_pat
         diverging.fit(2, tmp_path / "nan", Reports())
 
 
-def test_fashion_trains_under_mirrored_strategy(fashion_features, tmp_path):
-    import tensorflow as tf
+# Run in a process of its own, as a Fashion-MNIST worker runs: TensorFlow only (this test
+# process has torch loaded too, and TensorFlow's MirroredStrategy there crashed it now and then).
+MIRRORED = """
+import json, sys
+from pathlib import Path
+import tensorflow as tf
+from pipelines.model.trainer import Features, Resources
+from pipelines.plugins import trainer_class
 
-    trainer = trainer_class("fashion_mnist")({}, fashion_features, Resources(slots=2), seed=1)
-    assert isinstance(trainer.strategy, tf.distribute.MirroredStrategy)
-    reports = Reports()
-    assert trainer.fit(1, tmp_path / "checkpoints", reports) == 1
-    assert reports.epochs == [1] and reports.last("val_accuracy") >= 0.5
-    trainer.save_model(tmp_path / "model")
+folder = Path(sys.argv[1])
+features = Features.load(folder / "features")
+trainer = trainer_class("fashion_mnist")({}, features, Resources(slots=2), seed=1)
+assert isinstance(trainer.strategy, tf.distribute.MirroredStrategy)
+seen = []
+report = lambda epoch, metrics: seen.append((epoch, dict(metrics))) or True
+done = trainer.fit(1, folder / "checkpoints", report)
+trainer.save_model(folder / "model")
+print(json.dumps({"done": done, "reports": seen}))
+"""
+
+
+def test_fashion_trains_under_mirrored_strategy(fashion_features, tmp_path):
+    fashion_features.save(tmp_path / "features")
+    run = subprocess.run(
+        [sys.executable, "-c", MIRRORED, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["done"] == 1 and [epoch for epoch, _ in result["reports"]] == [1]
+    assert result["reports"][-1][1]["val_accuracy"] >= 0.5
     assert (tmp_path / "model" / "MLmodel").is_file()
