@@ -59,7 +59,7 @@ from pipelines.model.experiments import (
 )
 from pipelines.model.spec import ExperimentSpec, load_experiment, max_epochs, search_space
 from pipelines.model.trainer import Features
-from pipelines.plugins import load, target
+from pipelines.plugins import load
 
 CONTEXT_LIMIT = 95 * 2**20  # determined.common.constants.MAX_CONTEXT_SIZE in 0.38.1
 LABEL = "cdl"
@@ -332,17 +332,12 @@ class DeterminedExperiments(ExperimentEngine):
     # -- submit -------------------------------------------------------------------------------
 
     def submit(self, spec_path: Path, attached: bool = False) -> Submission:
-        from pipelines.model.search import FEATURES, resolve_snapshot
+        from pipelines.model.search import FEATURES, resolve_snapshot, spec_trainer
 
         spec = load_experiment(spec_path)
         data = spec.data
         extra = data.model_extra or {}
-        trainer = extra.get("trainer") or target("trainer", data.use_case)
-        if trainer is None:
-            raise Invalid(
-                f"{spec_path}: no trainer for use case {data.use_case}",
-                "name one in data.trainer (module:Class)",
-            )
+        trainer = spec_trainer(spec, spec_path)
         if max_epochs(spec) is None:
             raise Invalid(
                 f"{spec_path}: the spec sets no training length",

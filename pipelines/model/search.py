@@ -94,6 +94,19 @@ CONFUSION_MATRIX = tracking.CONFUSION_MATRIX
 OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def spec_trainer(spec, spec_path: Path) -> str:
+    """The spec's trainer as "module:Class": its `data.trainer`, else the use case's in the
+    plugin table."""
+    data = spec.data
+    trainer = (data.model_extra or {}).get("trainer") or target("trainer", data.use_case)
+    if trainer is None:
+        raise Invalid(
+            f"{spec_path}: no trainer for use case {data.use_case}",
+            "name one in data.trainer (module:Class)",
+        )
+    return trainer
+
+
 class TrialError(Exception):
     """A trial cannot go on (a metric missing or not finite)."""
 
@@ -228,12 +241,7 @@ class LocalExperiments(ExperimentEngine):
         spec = load_experiment(spec_path)
         data = spec.data
         extra = data.model_extra or {}
-        trainer = extra.get("trainer") or target("trainer", data.use_case)
-        if trainer is None:
-            raise Invalid(
-                f"{spec_path}: no trainer for use case {data.use_case}",
-                "name one in data.trainer (module:Class)",
-            )
+        trainer = spec_trainer(spec, spec_path)
         _import(trainer, "trainer", f"{spec_path}: data.trainer")
         features = extra.get("features")
         if features is not None:
