@@ -113,20 +113,27 @@ def bbc_snapshots(
     stack: Stack, corpus: Path, docs: int, names: list[str], seed: int = 1, own_share: float = 0.37
 ) -> None:
     """`docs` generated BBC-like articles (clean, `own_share` of their words from their class's
-    vocabulary: see pipelines.data.bbc.generate) committed to bbc-validate:/valid, their true
-    classes loaded into the bbc_news label store as if exported from Label Studio, and frozen
-    in label snapshots `names` (what an experiment trains on), without Label Studio."""
+    vocabulary: see pipelines.data.bbc.generate), labeled with their true classes in label
+    snapshots `names` (see `label_folder`)."""
+    from pipelines.data import bbc
+
+    bbc.generate(corpus, docs, seed=seed, dirty=False, own_share=own_share)
+    label_folder(stack, "bbc_news", "bbc-validate", corpus, names)
+
+
+def label_folder(stack: Stack, case: str, repo: str, corpus: Path, names: list[str]) -> int:
+    """The files of `corpus` (`<class>/<file>`) committed to `repo`:/valid, their folders' classes
+    loaded into the use case's label store as if exported from Label Studio, and frozen in label
+    snapshots `names` (what an experiment trains on), without Label Studio. Returns the count."""
     from datetime import datetime, timezone
 
-    from pipelines.data import bbc
     from pipelines.data.labeling.spec import use_case
     from pipelines.data.labeling.store import LabelStore
     from pipelines.data.repos import DataRepos, Ref
 
-    bbc.generate(corpus, docs, seed=seed, dirty=False, own_share=own_share)
     repos = DataRepos(stack)
-    repos.create_repo("bbc-validate")
-    commit, _ = repos.put(Ref.parse("bbc-validate"), [corpus], dest="/valid")
+    repos.create_repo(repo)
+    commit, _ = repos.put(Ref.parse(repo), [corpus], dest="/valid")
     now = datetime.now(timezone.utc)
     rows = [
         {
@@ -141,7 +148,8 @@ def bbc_snapshots(
         }
         for number, entry in enumerate(repos.files(commit, "/valid"), start=1)
     ]
-    store = LabelStore(stack, use_case("bbc_news"))
+    store = LabelStore(stack, use_case(case))
     store.load(rows, [r["annotation_id"] for r in rows], "bench", None)
     for name in names:
         store.snapshot(name)
+    return len(rows)

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pipelines.core.config import CHECKOUT
 from pipelines.core.errors import CDLError, Invalid, NotFound, Unavailable, Unsupported
@@ -57,9 +57,12 @@ from pipelines.model.experiments import (
     Submission,
     Trial,
 )
-from pipelines.model.spec import ExperimentSpec, load_experiment, max_epochs, search_space
+from pipelines.model.spec import ExperimentSpec, load_experiment, search_space
 from pipelines.model.trainer import Features
 from pipelines.plugins import load
+
+if TYPE_CHECKING:
+    from pipelines.model.search import Prepared
 
 CONTEXT_LIMIT = 95 * 2**20  # determined.common.constants.MAX_CONTEXT_SIZE in 0.38.1
 LABEL = "cdl"
@@ -113,8 +116,7 @@ def _copy_package(name: str, folder: Path) -> None:
 def build_context(
     spec: ExperimentSpec,
     spec_path: Path,
-    snapshot: str,
-    trainer: str,
+    prepared: Prepared,
     features: Features,
     folder: Path,
     limit: int = CONTEXT_LIMIT,
@@ -123,12 +125,17 @@ def build_context(
     when it is bigger than Determined accepts."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copytree(CHECKOUT / "pipelines", folder / "pipelines", ignore=_ignore)
-    _copy_package(trainer.partition(":")[0].split(".")[0], folder)
+    _copy_package(prepared.trainer.partition(":")[0].split(".")[0], folder)
     features.save(folder / FEATURES_FOLDER)
     config = spec.canonical()
     data = dict(config.get("data") or {})
-    data["snapshot"] = snapshot
-    data["cdl"] = {"features": FEATURES_FOLDER, "trainer": trainer, "spec": str(spec_path)}
+    data["snapshot"] = prepared.snapshot
+    data["cdl"] = {
+        "features": FEATURES_FOLDER,
+        "trainer": prepared.trainer,
+        "spec": str(spec_path),
+        **({"batches_per_epoch": prepared.batches_per_epoch} if prepared.batches_per_epoch else {}),
+    }
     config["data"] = data
     labels = list(config.get("labels") or [])
     config["labels"] = labels if LABEL in labels else [*labels, LABEL]
@@ -332,33 +339,25 @@ class DeterminedExperiments(ExperimentEngine):
     # -- submit -------------------------------------------------------------------------------
 
     def submit(self, spec_path: Path, attached: bool = False) -> Submission:
-        from pipelines.model.search import FEATURES, resolve_snapshot, spec_trainer
+        from pipelines.model.search import prepare
 
         spec = load_experiment(spec_path)
-        data = spec.data
-        extra = data.model_extra or {}
-        trainer = spec_trainer(spec, spec_path)
-        if max_epochs(spec) is None:
-            raise Invalid(
-                f"{spec_path}: the spec sets no training length",
-                "set searcher.max_time and time_metric: epochs, or an 'epochs' hyperparameter",
-            )
+        prepared = prepare(self.stack, spec, spec_path)
         consts = {
             k: leaf.val
             for k, leaf in search_space(spec).items()
             if k in BUDGET_KEYS and leaf.type == "const"
         }
-        try:
-            budget_epochs(spec.canonical(), consts)
+        try:  # what the trial will count, by the entrypoint's rules
+            budget_epochs(spec.canonical(), consts, prepared.batches_per_epoch)
         except CDLError as exc:
             raise type(exc)(f"{spec_path}: {exc.problem}", exc.fix) from None
-        snapshot = resolve_snapshot(self.stack, data.use_case, data.snapshot)
-        features = load(extra.get("features") or FEATURES)(self.stack, data.use_case, snapshot)
+        features = load(prepared.features)(self.stack, spec.data.use_case, prepared.snapshot)
         scratch = self.stack.settings.home / "determined"
         scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="context-", dir=scratch) as folder:
             context = build_context(
-                spec, Path(spec_path).resolve(), snapshot, trainer, features, Path(folder)
+                spec, Path(spec_path).resolve(), prepared, features, Path(folder)
             )
             raw = self.call("create", 600, config=context.config, model_dir=str(context.folder))
         return Submission(to_experiment(raw), [], spec.notes())

@@ -12,20 +12,22 @@ trial needs no access to the stack. What the trial reads:
   `info.trial._config` (the expanded experiment config, for the training length and the
   searcher's metric), `info.trial.trial_seed` and `info.latest_checkpoint`.
 - the training length in epochs, as the local engine counts it (spec.training_budget): the
-  searcher's `max_time` when its `time_metric` is `epochs`, else a `max_length` in epochs or a bare
-  count, else the `epochs` hyperparameter (taken out of what the trainer gets).
+  searcher's `max_time` when its `time_metric` is `epochs`, or in `batches` over the batches of
+  an epoch that submit recorded (`data.cdl.batches_per_epoch`), else a `max_length` in epochs or
+  a bare count, else the `epochs` hyperparameter (taken out of what the trainer gets).
 
 What it does: builds the use case's Trainer (`data.cdl.trainer`, else the plugin table's),
 restores `info.latest_checkpoint` with `checkpoint.restore_path` into a local folder where the
 trainer finds its last epoch, and runs `fit`. After each epoch (which the trainer checkpoints
 before reporting) the report stores the trainer's checkpoint folder with
 `checkpoint.store_path({"steps_completed": epoch})`, reports `loss` and the other training
-metrics with `report_training_metrics`, and the `val_*` metrics, the searcher's metric and
-`epochs` (the time metric ASHA in 0.38 reads: the master stops a trial through its validation
-metrics) with `report_validation_metrics`, then asks `preempt.should_preempt()`: when the master
-preempts the trial (a pause, a rescheduling, or ASHA stopping it) the report returns False and
-the trial ends after that checkpoint; the next run of the trial resumes from it. A trial that
-trains its whole length saves the model (`save_model`, an
+metrics with `report_training_metrics`, and the `val_*` metrics, the searcher's metric and the
+time metrics `epochs` and, for a budget in batches, `batches` (ASHA in 0.38 reads the spec's
+`time_metric` among them: the master stops a trial through its validation metrics) with
+`report_validation_metrics`, then asks `preempt.should_preempt()`: when the master preempts the
+trial (a pause, a rescheduling, or ASHA stopping it) the report returns False and the trial ends
+after that checkpoint; the next run of the trial resumes from it. A trial that trains its whole
+length saves the model (`save_model`, an
 MLflow pyfunc model) in one last checkpoint, under `model/`.
 
 Without a cluster (`det.core.init()`'s local mode: reports are logged, checkpoints go to a
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -61,7 +64,7 @@ from pipelines.core.errors import CDLError, Invalid, Unsupported
 
 LOCAL_TRIAL_ENV = "CDL_LOCAL_TRIAL"
 BUDGET_KEYS = ("epochs",)  # hyperparameters that set the length, not the model (asha.py)
-TIME_METRIC = "epochs"
+TIME_METRICS = ("epochs", "batches")  # what a trial reports its length in
 MODEL_FOLDER = "model"
 CONTEXT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `pipelines` package
 
@@ -129,18 +132,33 @@ class TrialSetup:
         return cls(**raw)
 
 
-def budget_epochs(config: Mapping[str, Any], hparams: Mapping[str, Any]) -> int:
-    """How many epochs a trial trains: `searcher.max_time` with `time_metric: epochs`, else the
-    deprecated `max_length` ({epochs: N} or a bare N), else the `epochs` hyperparameter."""
+def budget_epochs(
+    config: Mapping[str, Any],
+    hparams: Mapping[str, Any],
+    batches_per_epoch: int | None = None,
+) -> int:
+    """How many epochs a trial trains: `searcher.max_time` in `epochs`, or in `batches` over
+    `batches_per_epoch` (default: the `data.cdl.batches_per_epoch` that submit recorded), rounded
+    up; else the deprecated `max_length` ({epochs: N} or a bare N), else the `epochs`
+    hyperparameter."""
     searcher = config.get("searcher") or {}
     if searcher.get("max_time") is not None:
-        if searcher.get("time_metric") != TIME_METRIC:
+        metric, amount = searcher.get("time_metric"), int(searcher["max_time"])
+        if metric == "epochs":
+            return amount
+        if metric != "batches":
             raise Unsupported(
-                f"time_metric '{searcher.get('time_metric')}': CDL's trials report their length "
-                f"in {TIME_METRIC}",
-                f"use time_metric: {TIME_METRIC}",
+                f"time_metric '{metric}': CDL's trials report their length in "
+                f"{' and '.join(TIME_METRICS)}",
+                "use time_metric: epochs or batches",
             )
-        return int(searcher["max_time"])
+        per_epoch = batches_per_epoch or _recorded_batches_per_epoch(config)
+        if not per_epoch:
+            raise Invalid(
+                f"the budget is {amount} batches, but how many make an epoch is unknown",
+                "submit the experiment with cdl, which records data.cdl.batches_per_epoch",
+            )
+        return math.ceil(amount / per_epoch)
     length = searcher.get("max_length")
     if isinstance(length, int) and not isinstance(length, bool):
         return length
@@ -160,15 +178,25 @@ def budget_epochs(config: Mapping[str, Any], hparams: Mapping[str, Any]) -> int:
     )
 
 
+def _recorded_batches_per_epoch(config: Mapping[str, Any]) -> int | None:
+    return ((config.get("data") or {}).get("cdl") or {}).get("batches_per_epoch")
+
+
 def split_metrics(
-    epoch: int, metrics: Mapping[str, float], searcher_metric: str | None
+    epoch: int,
+    metrics: Mapping[str, float],
+    searcher_metric: str | None,
+    batches_per_epoch: int | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(training, validation) metrics of an epoch: `val_*` and the searcher's metric are
-    validation metrics, with `epochs` (the time metric); the rest are training metrics."""
+    validation metrics, with the time metrics `epochs` and, when an epoch's batches are known,
+    `batches`; the rest are training metrics."""
     validation = {
         k: float(v) for k, v in metrics.items() if k.startswith("val_") or k == searcher_metric
     }
-    validation[TIME_METRIC] = epoch
+    validation["epochs"] = epoch
+    if batches_per_epoch:
+        validation["batches"] = epoch * batches_per_epoch
     training = {k: float(v) for k, v in metrics.items() if k not in validation}
     return training, validation
 
@@ -219,7 +247,9 @@ def run_trial(core: Any, setup: TrialSetup) -> dict:
         def report(epoch: int, metrics: Mapping[str, float]) -> bool:
             with core.checkpoint.store_path({"steps_completed": epoch}) as (path, storage_id):
                 shutil.copytree(work, path, ignore=_not_the_trainers, dirs_exist_ok=True)
-            training, validation = split_metrics(epoch, metrics, searcher_metric)
+            training, validation = split_metrics(
+                epoch, metrics, searcher_metric, _recorded_batches_per_epoch(setup.config)
+            )
             if training:
                 core.train.report_training_metrics(steps_completed=epoch, metrics=training)
             core.train.report_validation_metrics(steps_completed=epoch, metrics=validation)

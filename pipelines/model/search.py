@@ -44,6 +44,7 @@ import subprocess
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,11 +67,14 @@ from pipelines.model.experiments import (
 from pipelines.model.registry import registered_name
 from pipelines.model.spec import (
     LATEST,
+    ExperimentSpec,
     GridSearcher,
     SingleSearcher,
     load_experiment,
     max_epochs,
     parse_experiment,
+    search_space,
+    training_budget,
 )
 from pipelines.model.trainer import Resources, Trainer
 from pipelines.plugins import load, target
@@ -121,14 +125,21 @@ def storage_url(stack: Stack) -> str:
 
 
 def _transient(exc: BaseException) -> bool:
-    """A lost or refused database connection, however the library in between wraps it."""
-    if isinstance(exc, (*db.CONNECTION_LOST, Unavailable)):
-        return True
-    text = f"{type(exc).__name__}: {exc}"
-    return any(
-        mark in text
-        for mark in ("OperationalError", "InterfaceError", "connection", "Connection refused")
-    )
+    """A lost or refused database connection, however the library in between wraps it (Optuna
+    raises its own StorageInternalError from SQLAlchemy's from psycopg's: the chain is read)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (*db.CONNECTION_LOST, Unavailable)):
+            return True
+        text = f"{type(exc).__name__}: {exc}"
+        if any(
+            mark in text
+            for mark in ("OperationalError", "InterfaceError", "connection", "Connection refused")
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def retry(call: Callable[[], Any], say: Callable[[str], None], what: str) -> Any:
@@ -170,6 +181,77 @@ def _import(path: str, what: str, key: str) -> Any:
             f"{key}: the {what} {path} cannot be loaded: {db.first_line(exc)}",
             "check the name, and that its package is installed",
         ) from exc
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What an engine needs of a spec before the experiment exists, checked against the stack."""
+
+    trainer: str  # module:Class
+    features: str  # module:function, the transformation registry by default
+    snapshot: str  # the label snapshot, `latest` resolved
+    max_epochs: int  # the longest trial's length in epochs
+    batches_per_epoch: int | None  # when the spec's time metric is batches
+
+
+def prepare(stack: Stack, spec: ExperimentSpec, spec_path: Path) -> Prepared:
+    """Every engine's submit checks: the trainer and features function load, the training length
+    is set, the snapshot exists (`latest` resolved) and holds the spec's label set. A budget in
+    batches is counted in epochs of the snapshot's train split, at the spec's batch size."""
+    data = spec.data
+    trainer = spec_trainer(spec, spec_path)
+    trainer_type = _import(trainer, "trainer", f"{spec_path}: data.trainer")
+    features = (data.model_extra or {}).get("features") or FEATURES
+    _import(features, "features function", f"{spec_path}: data.features")
+    budget = training_budget(spec)
+    if budget is None:
+        raise Invalid(
+            f"{spec_path}: the spec sets no training length",
+            "set searcher.max_time and time_metric: epochs, or an 'epochs' hyperparameter",
+        )
+    snapshot = resolve_snapshot(stack, data.use_case, data.snapshot)
+    check_label_set(stack, spec, spec_path, snapshot)
+    per_epoch = None
+    if budget.unit == "batches":
+        leaf = search_space(spec).get("batch_size")
+        if leaf is not None and leaf.type != "const":
+            raise Invalid(
+                f"{spec_path}: time_metric: batches with a searched batch_size: trials would "
+                "count different batches as the same time",
+                "make batch_size a const hyperparameter, or use time_metric: epochs",
+            )
+        consts = {"batch_size": leaf.val} if leaf is not None else {}
+        per_epoch = trainer_type.batches_per_epoch(
+            load(features)(stack, data.use_case, snapshot), consts
+        )
+    try:
+        epochs = max_epochs(spec, per_epoch)
+    except CDLError as exc:
+        raise type(exc)(f"{spec_path}: {exc.problem}", exc.fix) from None
+    return Prepared(trainer, features, snapshot, epochs, per_epoch)
+
+
+def check_label_set(stack: Stack, spec: ExperimentSpec, spec_path: Path, snapshot: str) -> None:
+    """The snapshot's labels must be the experiment's label set: `data.labels`, else the
+    choices of the use case's labeling config. A class missing from the snapshot would leave the
+    model unable to predict it; an unknown one, a class the use case does not have."""
+    data = spec.data
+    case = use_case(data.use_case)
+    wanted = set(data.labels) if data.labels is not None else set(case.labels)
+    found = set(LabelStore(stack, case).snapshot_labels(snapshot))
+    if found != wanted:
+        where = "data.labels" if data.labels is not None else f"{data.use_case}'s labeling config"
+        problems = []
+        if wanted - found:
+            problems.append(f"without {', '.join(sorted(wanted - found))}")
+        if found - wanted:
+            problems.append(f"with {', '.join(sorted(found - wanted))} that {where} lacks")
+        raise Invalid(
+            f"{spec_path}: label snapshot {data.use_case}/{snapshot} is {' and '.join(problems)} "
+            f"(the label set of {where}: {', '.join(sorted(wanted))})",
+            "label the missing classes and take a new snapshot, or set data.labels to the "
+            "snapshot's classes",
+        )
 
 
 def _gpus() -> int:
@@ -240,19 +322,8 @@ class LocalExperiments(ExperimentEngine):
         """Everything `submit` does but start workers (run `worker` to run its trials)."""
         spec = load_experiment(spec_path)
         data = spec.data
-        extra = data.model_extra or {}
-        trainer = spec_trainer(spec, spec_path)
-        _import(trainer, "trainer", f"{spec_path}: data.trainer")
-        features = extra.get("features")
-        if features is not None:
-            _import(features, "features function", f"{spec_path}: data.features")
-        epochs = max_epochs(spec)
-        if epochs is None:
-            raise Invalid(
-                f"{spec_path}: the spec sets no training length",
-                "set searcher.max_time and time_metric: epochs, or an 'epochs' hyperparameter",
-            )
-        snapshot = resolve_snapshot(self.stack, data.use_case, data.snapshot)
+        prepared = prepare(self.stack, spec, spec_path)
+        snapshot = prepared.snapshot
         searcher = spec.searcher
         if isinstance(searcher, SingleSearcher):
             max_trials = 1
@@ -272,13 +343,13 @@ class LocalExperiments(ExperimentEngine):
             snapshot=snapshot,
             spec=spec.canonical(),
             spec_path=str(Path(spec_path).resolve()),
-            trainer=trainer,
-            features=features,
+            trainer=prepared.trainer,
+            features=(data.model_extra or {}).get("features"),
             searcher=searcher.name,
             metric=searcher.metric,
             smaller_is_better=searcher.smaller_is_better,
             max_trials=max_trials,
-            max_epochs=epochs,
+            max_epochs=prepared.max_epochs,
             max_restarts=spec.max_restarts,
             workers=workers,
             seed=seed,
@@ -299,7 +370,7 @@ class LocalExperiments(ExperimentEngine):
                     "searcher": searcher.name,
                     "metric": searcher.metric,
                     "max_trials": max_trials,
-                    "max_epochs": epochs,
+                    "max_epochs": prepared.max_epochs,
                     "seed": seed,
                 },
             )

@@ -591,6 +591,9 @@ class DataSection(_Spec):
 
     use_case: str | None = None
     snapshot: str | None = None  # a snapshot name, or `latest` (resolved at submit time)
+    # The classes the model predicts; default: the choices of the use case's labeling config.
+    # The snapshot must hold exactly these (search.check_label_set).
+    labels: list[str] | None = Field(None, min_length=2)
 
 
 # -- the experiment -----------------------------------------------------------------------------

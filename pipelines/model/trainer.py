@@ -33,6 +33,7 @@ nothing that needs the stack.
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
-from pipelines.core.errors import Invalid
+from pipelines.core.errors import Invalid, Unsupported
 
 # What the searcher is told after each epoch; False from it stops training (the trial is pruned
 # or the experiment was killed).
@@ -238,7 +239,6 @@ class Trainer(ABC):
     def featurize(cls, files: list[LabeledFile], seed: int, val_fraction: float) -> Features:
         """The train split's features, with a validation split carved out of it (seeded)."""
 
-    @abstractmethod
     def __init__(
         self,
         hparams: Mapping[str, Any],
@@ -246,8 +246,26 @@ class Trainer(ABC):
         resources: Resources,
         seed: int = 0,
     ):
-        """A model built from one trial's hyperparameters (checked by `hyperparameters`:
-        `Invalid` for unknown names or bad values), initialised from `seed`."""
+        """A model for one trial's hyperparameters (checked by `hyperparameters`: `Invalid` for
+        unknown names or bad values), initialised from `seed`. Subclasses build their network
+        after calling this."""
+        self.hparams = self.hyperparameters(hparams)
+        self.features = features
+        self.resources = resources
+        self.seed = seed
+
+    @classmethod
+    def batches_per_epoch(cls, features: Features, hparams: Mapping[str, Any]) -> int:
+        """Batches of `batch_size` (the global batch) in one epoch of the train split: what an
+        epoch is worth when an experiment's time metric is `batches`."""
+        batch = cls.hyperparameters(hparams).get("batch_size")
+        if batch is None:
+            raise Unsupported(
+                f"{cls.__name__} has no batch_size hyperparameter, so its training cannot be "
+                "measured in batches",
+                "use time_metric: epochs",
+            )
+        return math.ceil(len(features.y_train) / batch)
 
     @abstractmethod
     def fit(self, max_epochs: int, checkpoints: Path, report: EpochReport) -> int:

@@ -30,7 +30,9 @@ from pipelines.model.determined import (
     to_experiment,
     to_trial,
 )
+from pipelines.model.entrypoint import budget_epochs, split_metrics
 from pipelines.model.experiments import experiment_engine
+from pipelines.model.search import FEATURES, Prepared
 from pipelines.model.spec import load_experiment
 from pipelines.model.trainer import Features, LabeledFile
 from pipelines.plugins import backend_class, trainer_class
@@ -39,6 +41,7 @@ from tests.model.training_runs import placeholder_snapshots
 
 SPEC = REPO / "use_cases" / "bbc_news" / "model" / "train.yaml"
 TRAINER = "pipelines.model.trainers.bbc_news:BBCNewsTrainer"
+PREPARED = Prepared(TRAINER, FEATURES, "first", max_epochs=12, batches_per_epoch=None)
 VENV = load_settings(REPO / "cdl.yaml", environ={}).venvs / "determined"
 REPORT = re.compile(r"report_(training|validation)_metrics\(steps_completed=(\d+), metrics=(.*)\)$")
 ENDED = re.compile(r"cdl\.trial: (completed|preempted|stopped) after epoch (\d+), checkpoint (\S+)")
@@ -66,7 +69,7 @@ def features(tmp_path_factory) -> Features:
 @pytest.fixture(scope="module")
 def context(features, tmp_path_factory):
     folder = tmp_path_factory.mktemp("det") / "context"
-    return build_context(load_experiment(SPEC), SPEC, "first", TRAINER, features, folder)
+    return build_context(load_experiment(SPEC), SPEC, PREPARED, features, folder)
 
 
 def run_trial(det_python, context, tmp_path, name, **trial) -> tuple[int, str]:
@@ -150,9 +153,7 @@ def test_context_holds_the_package_the_features_and_the_config(context, features
 
 def test_a_context_over_the_limit_is_refused_naming_the_biggest_file(features, tmp_path):
     with pytest.raises(Invalid) as caught:
-        build_context(
-            load_experiment(SPEC), SPEC, "first", TRAINER, features, tmp_path / "c", limit=50_000
-        )
+        build_context(load_experiment(SPEC), SPEC, PREPARED, features, tmp_path / "c", limit=50_000)
     assert "over Determined's 0 MiB (biggest: " in caught.value.problem
     assert "bind_mounts" in caught.value.fix
 
@@ -465,3 +466,39 @@ def test_submit_sends_the_spec_features_and_code_a_trial_needs(
     assert (state, epoch) == ("completed", 3)
     assert (tmp_path / "storage" / last / "last.npz").is_file()
     assert (tmp_path / "storage" / last / "model" / "MLmodel").is_file()
+
+
+def test_a_budget_in_batches_is_recorded_and_counted_by_the_trial(toy_stack, monkeypatch):
+    config = {"searcher": {"max_time": 100, "time_metric": "batches"}}
+    with pytest.raises(Invalid, match="how many make an epoch is unknown"):
+        budget_epochs(config, {})
+    assert budget_epochs({**config, "data": {"cdl": {"batches_per_epoch": 30}}}, {}) == 4
+    with pytest.raises(Unsupported, match="time_metric 'records'"):
+        budget_epochs({"searcher": {"max_time": 9, "time_metric": "records"}}, {})
+    _, validation = split_metrics(2, {"loss": 0.3, "val_accuracy": 0.5}, "val_accuracy", 30)
+    assert validation == {"val_accuracy": 0.5, "epochs": 2, "batches": 60}
+
+    spec = toy_stack.settings.root / "in-batches.yaml"
+    searcher = {"name": "adaptive_asha", "max_trials": 4, "max_time": 45, "time_metric": "batches"}
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "entrypoint": "python3 -m pipelines.model.entrypoint",
+                "data": TOY,
+                "hyperparameters": {"learning_rate": 0.5},
+                "searcher": {**searcher, "metric": "val_accuracy", "smaller_is_better": False},
+            }
+        )
+    )
+    engine = experiment_engine(toy_stack)
+    sent = {}
+
+    def create(op, timeout_s=120, **request):
+        sent.update(request["config"])
+        raise Unavailable("stopped before sending")
+
+    monkeypatch.setattr(engine, "call", create)
+    with pytest.raises(Unavailable, match="stopped before sending"):
+        engine.submit(spec)
+    assert sent["data"]["cdl"]["batches_per_epoch"] == 5  # the toy trainer's full-batch steps
+    assert budget_epochs(sent, {}) == 9

@@ -234,6 +234,37 @@ def test_a_killed_worker_trial_resumes_from_its_checkpoint(stack):
     assert "resumed by" in text and "completed after epoch 8" in text
 
 
+def test_workers_ride_out_a_postgres_restart_mid_search(stack):
+    """The postmaster SIGKILLed while two trials train: the workers retry Optuna, MLflow and the
+    trial table until `cdl stack up` has Postgres back, then finish the same trials, losing no
+    epoch and logging none twice."""
+    engine = LocalExperiments(stack)
+    spec = spec_file(
+        stack,
+        "outage",
+        {"name": "random", "max_trials": 2, "max_concurrent_trials": 2},
+        {"epochs": 8, "learning_rate": LEARNING_RATE, "sleep": 0.4},
+        reproducibility={"experiment_seed": 5},
+    )
+    experiment_id = engine.submit(spec, attached=True).experiment.id
+    _run_until(engine, experiment_id, 2)
+    os.kill(stack.postgres.running_pid(), signal.SIGKILL)
+    time.sleep(4)  # some epochs end while the database is away
+    stack.up()
+    experiment = engine.wait(experiment_id, poll_s=0.5)
+    _, trials = engine.show(experiment_id)
+    assert experiment.state == "completed", [t.error for t in trials]
+    assert [(t.state, t.epochs, t.restarts) for t in trials] == [("completed", 8, 0)] * 2, [
+        t.error for t in trials
+    ]
+    tracker, _ = runs_of(stack, experiment_id)
+    for trial in trials:
+        fits = (Path(trial.checkpoints) / "checkpoints/fits.log").read_text().split()
+        assert fits == ["0"]  # one fit from the start: no worker died or gave the trial up
+        steps = [m.step for m in tracker.get_metric_history(trial.mlflow_run, "val_accuracy")]
+        assert sorted(steps) == list(range(1, 9))
+
+
 def test_without_restarts_left_the_trial_fails(stack):
     engine = LocalExperiments(stack)
     submission = engine.submit(single(stack, "no-restarts", 8, 0.3, max_restarts=0), attached=True)
@@ -332,6 +363,50 @@ def test_bad_input_is_refused_before_anything_runs(stack):
     with pytest.raises(Invalid, match="sets no training length"):
         engine.submit(spec_file(stack, "endless", {"name": "single"}, {"learning_rate": 0.5}))
     assert not [e for e in engine.list() if e.name in ("missing", "none-yet", "broken", "endless")]
+
+
+def test_a_budget_in_batches_is_counted_in_epochs_of_the_snapshot(stack):
+    engine = LocalExperiments(stack)
+    asha = {
+        "name": "adaptive_asha",
+        "max_trials": 3,
+        "max_time": 45,  # batches: 9 epochs of the toy trainer's 5
+        "time_metric": "batches",
+        "divisor": 3,
+        "max_rungs": 3,
+        "mode": "aggressive",
+        "max_concurrent_trials": 1,
+    }
+    spec = spec_file(stack, "in-batches", asha, {"learning_rate": LEARNING_RATE})
+    submission = engine.submit(spec, attached=True)
+    assert submission.experiment.max_epochs == 9
+    experiment, trials = engine.show(engine.wait(submission.experiment.id, poll_s=0.5).id)
+    assert experiment.state == "completed", [t.error for t in trials]
+    assert {t.epochs for t in trials} <= {1, 3, 9} and 9 in {t.epochs for t in trials}
+
+    searched = {"learning_rate": 0.5, "batch_size": {"type": "categorical", "vals": [16, 32]}}
+    with pytest.raises(Invalid, match="time_metric: batches with a searched batch_size"):
+        engine.submit(spec_file(stack, "searched-batches", asha, searched))
+    bbc = {k: v for k, v in TOY.items() if k not in ("trainer", "features")}
+    records = {**asha, "time_metric": "records"}
+    with pytest.raises(Invalid, match="records_per_epoch"):
+        engine.submit(spec_file(stack, "in-records", records, {"learning_rate": 0.5}, data=bbc))
+
+
+def test_the_snapshot_must_hold_the_experiments_label_set(stack):
+    engine = LocalExperiments(stack)
+    hyper = {"epochs": 1, "learning_rate": 0.5}
+    fewer = {**TOY, "labels": ["business", "sport"]}
+    with pytest.raises(Invalid) as caught:
+        engine.submit(spec_file(stack, "fewer", {"name": "single"}, hyper, data=fewer))
+    assert (
+        "label snapshot bbc_news/second is with entertainment, politics, tech that data.labels "
+        "lacks (the label set of data.labels: business, sport)"
+    ) in caught.value.problem
+    more = {**TOY, "labels": ["business", "entertainment", "politics", "sport", "tech", "weather"]}
+    with pytest.raises(Invalid, match="bbc_news/second is without weather"):
+        engine.submit(spec_file(stack, "more", {"name": "single"}, hyper, data=more))
+    assert not [e for e in engine.list() if e.name in ("fewer", "more")]
 
 
 def test_the_command_line(stack):

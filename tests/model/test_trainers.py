@@ -133,6 +133,15 @@ def test_hyperparameters_defaults_and_refusals():
         trainer_class("iris")
 
 
+def test_an_epoch_counted_in_batches_of_the_global_batch(bbc_features):
+    bbc_trainer = trainer_class("bbc_news")
+    train = len(bbc_features.y_train)  # 240
+    assert bbc_trainer.batches_per_epoch(bbc_features, {"batch_size": 64}) == -(-train // 64)
+    assert bbc_trainer.batches_per_epoch(bbc_features, {}) == -(-train // 32)  # the default
+    with pytest.raises(Invalid, match="batch_size=0 is out of range"):
+        bbc_trainer.batches_per_epoch(bbc_features, {"batch_size": 0})
+
+
 def test_validation_carve_is_seeded_and_stratified(bbc_files):
     train, val, record = split_validation(bbc_files, seed=3, fraction=0.2)
     again = split_validation(list(reversed(bbc_files)), seed=3, fraction=0.2)

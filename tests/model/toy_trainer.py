@@ -57,6 +57,10 @@ class ToyTrainer(Trainer):
         loss = -np.mean(y * np.log(p + 1e-9) + (1 - y) * np.log(1 - p + 1e-9))
         return float(loss), float(np.mean((p > 0.5) == y))
 
+    @classmethod
+    def batches_per_epoch(cls, features, hparams) -> int:
+        return STEPS_PER_EPOCH  # full-batch gradient steps
+
     def fit(self, max_epochs: int, checkpoints: Path, report) -> int:
         last = checkpoints / "last.npz"
         done = 0

@@ -41,20 +41,21 @@ def label_corpus(stack, folder: Path, docs: int, seed: int, dest: str, first_id:
 
 
 def placeholder_snapshots(stack, *names: str) -> None:
-    """Snapshots of four bbc_news labels whose files do not exist: enough for an experiment's
-    snapshot to resolve when its trainer makes its own data (tests/model/toy_trainer.py)."""
+    """Snapshots of two labels per bbc_news class whose files do not exist: enough for an
+    experiment's snapshot to resolve, with the use case's label set, when its trainer makes its
+    own data (tests/model/toy_trainer.py)."""
     rows = [
         {
-            "path": f"/business/{i}.txt",
-            "source": f"bbc-news-validated@c0ffee:/business/{i}.txt",
-            "label": "business",
+            "path": f"/{label}/{i}.txt",
+            "source": f"bbc-news-validated@c0ffee:/{label}/{i}.txt",
+            "label": label,
             "labeler": "tester@example.com",
             "labeled_at": datetime.now(timezone.utc),
             "task_id": i,
             "annotation_id": i,
             "export_commit": "export-1",
         }
-        for i in range(4)
+        for i, label in enumerate(sorted(bbc.CLASSES * 2))
     ]
     store = LabelStore(stack, use_case("bbc_news"))
     store.load(rows, [r["annotation_id"] for r in rows], "export-1", None)

@@ -289,6 +289,16 @@ class LabelStore:
                 [self.case.name, name, split, split],
             ).fetchall()
 
+    def snapshot_labels(self, name: str) -> list[str]:
+        """The distinct labels of a snapshot (both splits), sorted."""
+        with self.stack.connect() as conn:
+            rows = conn.execute(
+                """SELECT DISTINCT label FROM label_snapshot_rows
+                   WHERE use_case = %s AND snapshot = %s ORDER BY label""",
+                [self.case.name, name],
+            ).fetchall()
+        return [label for (label,) in rows]
+
     def train_rows(self, snapshot: str) -> list[tuple[str, str]]:
         """(source, label) of each row of a snapshot's train split, by source: read as the
         `cdl_scientist` role, through the `snapshot_train` view, so that training cannot see a

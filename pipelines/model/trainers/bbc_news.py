@@ -234,10 +234,7 @@ class BBCNewsTrainer(Trainer):
         resources: Resources,
         seed: int = 0,
     ):
-        self.hparams = self.hyperparameters(hparams)
-        self.features = features
-        self.resources = resources
-        self.seed = seed
+        super().__init__(hparams, features, resources, seed)
         self.inputs = min(self.hparams["vocabulary"], features.x_train.shape[1])
         self.shape = {
             "inputs": self.inputs,

@@ -126,10 +126,7 @@ class FashionMNISTTrainer(Trainer):
         resources: Resources,
         seed: int = 0,
     ):
-        self.hparams = self.hyperparameters(hparams)
-        self.features = features
-        self.resources = resources
-        self.seed = seed
+        super().__init__(hparams, features, resources, seed)
         self.shape = tuple(features.x_train.shape[1:])
         _threads(max(1, resources.threads))
         import keras
