@@ -71,17 +71,9 @@ def write_pngs(out: Path) -> dict[str, tuple[np.ndarray, int]]:
     return images
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, help="default: the shipped spec's")
-    args = parser.parse_args()
-    spec = yaml.safe_load(SPEC.read_text())
-    spec["data"]["snapshot"] = SNAPSHOT
-    if args.epochs:
-        spec["hyperparameters"]["epochs"] = args.epochs
-    hparams = spec["hyperparameters"]
-
-    work = Path(tempfile.mkdtemp(prefix="cdl-bench-fashion-"))
+def platform(work: Path, spec: dict):
+    """Everything through CDL on a throwaway stack: (gated accuracy, the gate's process, the
+    images by file name, the train and test file names, seconds from submit to the end)."""
     started = time.perf_counter()
     images = write_pngs(work / "images")
     print(f"{len(images)} PNGs written in {time.perf_counter() - started:.1f} s")
@@ -116,6 +108,21 @@ def main() -> None:
         tags = json.loads(cdl(folder, "model", "show", "fashion-mnist/1", "--json").stdout)["tags"]
         accuracy = float(tags["cdl.eval.accuracy"])
 
+    return accuracy, gate, images, train, test, train_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, help="default: the shipped spec's")
+    args = parser.parse_args()
+    spec = yaml.safe_load(SPEC.read_text())
+    spec["data"]["snapshot"] = SNAPSHOT
+    if args.epochs:
+        spec["hyperparameters"]["epochs"] = args.epochs
+    hparams = spec["hyperparameters"]
+
+    with tempfile.TemporaryDirectory(prefix="cdl-bench-fashion-") as scratch:
+        accuracy, gate, images, train, test, train_s = platform(Path(scratch), spec)
     baseline = baseline_accuracy(images, train, test, hparams)
     print(f"through the gate: test accuracy {accuracy:.4f} (gate {GATE}, exit {gate.returncode})")
     print(f"plain Keras on the same split: test accuracy {baseline:.4f}")

@@ -26,6 +26,7 @@ STATE_COLOURS = {
     "active": "yellow",
     "running": "yellow",
     "completed": "green",
+    "paused": "cyan",
     "pruned": "dim",
     "failed": "red",
     "killed": "magenta",

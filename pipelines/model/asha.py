@@ -10,7 +10,7 @@ the experiment's seed plus the trial's number, so that workers in other processe
 trials and a rerun draws the same ones.
 
 Early stopping: `async_halving` and `adaptive_asha` are asynchronous successive halving (ASHA)
-in brackets, as Determined 0.38 plans them (master/pkg/searcher/adaptive_asha.go, asha.go):
+in brackets, as Determined 0.38 plans and runs them (master/pkg/searcher/adaptive_asha.go, asha.go):
 - the brackets: `aggressive` one bracket of `max_rungs` rungs; `conservative` every bracket
   (1 ... max_rungs rungs); `standard` the upper half ((max_rungs-1)//2+1 ... max_rungs);
   `bracket_rungs` names them outright; `async_halving` is one bracket of `num_rungs`. max_rungs is
@@ -20,16 +20,19 @@ in brackets, as Determined 0.38 plans them (master/pkg/searcher/adaptive_asha.go
   same budget per bracket), the rest to the bracket with most rungs; trial number n runs in the
   n-th bracket of an interleaving of those counts (`Brackets.bracket_of`);
 - the rungs of a bracket of r rungs are at max(int(max_time / divisor**(r-1-i)), 1) epochs;
-- at a rung a trial goes on if it is among the best floor(n / divisor) of the n trials of its
-  bracket that reached that rung so far, itself included; while floor(n / divisor) is 0, only
-  if it is the best so far. This is Optuna's `SuccessiveHalvingPruner` rule: a trial Optuna
-  stops cannot be resumed when later trials turn out worse, as Determined's promotions can.
+- promotion (`promotions`): a trial that reaches a rung goes on only when it is among the best
+  floor(n / divisor) of the n trials of its bracket that reached that rung so far; otherwise it
+  pauses, its checkpoint kept, and a later trial's arrival at the rung may promote it (it then
+  resumes from that checkpoint). The experiment store applies the rule under the experiment's
+  lock (experiment_store.reach_rung); when no trial is left to start or run, each bracket whose
+  trials all paused has its best paused trial promoted (so that every bracket yields a trial of
+  full length) and the rest are pruned.
 
-Why a pruner of CDL's own rather than Optuna's `SuccessiveHalvingPruner`/`HyperbandPruner`:
-Optuna has no `standard` mode, takes only whole reduction factors and first rungs (Determined's
-divisor is a float; 12 epochs over 3 rungs of divisor 3 start at 1.33), and Hyperband assigns
-trials to brackets by a hash with its own budget rule. With whole numbers, `aggressive` decides
-exactly as `SuccessiveHalvingPruner(min_resource, divisor, 0)` (tests/model/test_asha.py).
+Why CDL's own rule rather than Optuna's `SuccessiveHalvingPruner`/`HyperbandPruner`: an Optuna
+pruner can only stop a trial, never resume it when later trials turn out worse (which made the
+first trials at a rung go on almost always), it has no `standard` mode, takes only whole reduction
+factors and first rungs (Determined's divisor is a float; 12 epochs over 3 rungs of divisor 3
+start at 1.33), and Hyperband assigns trials to brackets by a hash with its own budget rule.
 """
 
 from __future__ import annotations
@@ -235,52 +238,13 @@ def brackets(spec: ExperimentSpec, max_time: int, max_trials: int) -> Brackets:
     )
 
 
-def promotable(value: float, competitors: list[float], divisor: float, maximize: bool) -> bool:
-    """Whether a trial with `value` at a rung goes on, against every value reached at that rung
-    in its bracket so far (its own included)."""
-    ranked = sorted(competitors, reverse=maximize)
-    keep = max(int(len(ranked) / divisor), 1)
-    threshold = ranked[keep - 1]
-    return value >= threshold if maximize else value <= threshold
-
-
-class ASHAPruner(optuna.pruners.BasePruner):
-    """Stops a trial at a rung of its bracket when it is not promotable (module docstring).
-    Trials are told apart by Optuna trial number, which the engine keeps equal to CDL's."""
-
-    def __init__(self, plan: Brackets):
-        self.plan = plan
-        self._schedule = plan.schedule()
-
-    def _bracket(self, number: int) -> int:
-        return self._schedule[number % len(self._schedule)]
-
-    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        step = trial.last_step
-        if step is None:
-            return False
-        bracket = self._bracket(trial.number)
-        rungs = self.plan.milestones(bracket)[:-1]  # the top rung ends the trial anyway
-        if step not in rungs:
-            return False
-        value = trial.intermediate_values[step]
-        if value is None or math.isnan(value):
-            return True
-        competitors = [
-            other.intermediate_values[step]
-            for other in study.get_trials(deepcopy=False)  # this trial's report included
-            if self._bracket(other.number) == bracket
-            and step in other.intermediate_values
-            and not math.isnan(other.intermediate_values[step])
-        ]
-        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-        return not promotable(value, competitors, self.plan.divisor, maximize)
-
-
-def pruner(spec: ExperimentSpec, max_time: int, max_trials: int) -> optuna.pruners.BasePruner:
-    if bracket_rungs(spec, max_time) is None:
-        return optuna.pruners.NopPruner()
-    return ASHAPruner(brackets(spec, max_time, max_trials))
+def promotions(rung: list[tuple[int, float, bool]], divisor: float, maximize: bool) -> list[int]:
+    """Determined's promotion rule at one rung of one bracket: of the n trials that reached it,
+    as (trial number, metric, promoted already), the best floor(n / divisor) go on to the next
+    rung. Returns those of them not promoted yet, best first (none while n < divisor)."""
+    ranked = sorted(rung, key=lambda entry: (-entry[1] if maximize else entry[1], entry[0]))
+    keep = int(len(ranked) / divisor + _EPSILON)
+    return [number for number, _, promoted in ranked[:keep] if not promoted]
 
 
 def direction(spec: ExperimentSpec) -> str:

@@ -67,6 +67,8 @@ class Claim:
     resumed: bool = False
     optuna_number: int | None = None
     failed: tuple[int, ...] = ()  # optuna numbers of trials failed now for want of restarts
+    # (optuna number, MLflow run) of paused trials pruned now that the search has ended
+    pruned: tuple[tuple[int, str | None], ...] = ()
 
 
 class ExperimentStore:
@@ -158,8 +160,9 @@ class ExperimentStore:
         one drawn by `draw(number)` while fewer than max_trials were started."""
         with self.stack.connect() as conn, conn.transaction():
             db.transaction_lock(conn, f"cdl.experiment:{experiment_id}")
-            state, max_trials, max_restarts = conn.execute(
-                "SELECT state, max_trials, max_restarts FROM experiments WHERE id = %s",
+            state, max_trials, max_restarts, smaller = conn.execute(
+                """SELECT state, max_trials, max_restarts, smaller_is_better FROM experiments
+                   WHERE id = %s""",
                 [experiment_id],
             ).fetchone()
             if state != "active":
@@ -238,7 +241,125 @@ class ExperimentStore:
                     new.optuna_number,
                     tuple(failed),
                 )
-            return Claim("wait" if others else "done", failed=tuple(failed))
+            if others:
+                return Claim("wait", failed=tuple(failed))
+            # Nothing runs and nothing new may start: the paused trials' turn (module docstring
+            # of asha.py).
+            promoted = conn.execute(
+                """SELECT DISTINCT ON (p.bracket) p.number, p.optuna_number
+                   FROM trials p JOIN trial_rungs r
+                        ON r.experiment = p.experiment AND r.number = p.number
+                       AND r.epochs = p.epochs
+                   WHERE p.experiment = %(id)s AND p.state = 'paused'
+                     AND NOT EXISTS (SELECT 1 FROM trials c WHERE c.experiment = p.experiment
+                                     AND c.bracket = p.bracket AND c.state = 'completed')
+                   ORDER BY p.bracket, p.epochs DESC, r.metric """
+                + ("ASC" if smaller else "DESC")
+                + ", p.number",
+                {"id": experiment_id},
+            ).fetchone()
+            if promoted is not None:
+                number, optuna_number = promoted
+                self._promote(conn, experiment_id, number, "the best of its bracket left")
+                conn.execute(
+                    "UPDATE trials SET runner = %s, heartbeat_at = now() "
+                    "WHERE experiment = %s AND number = %s",
+                    [runner, experiment_id, number],
+                )
+                return Claim(
+                    "run",
+                    self._trial(conn, experiment_id, number),
+                    True,
+                    optuna_number,
+                    tuple(failed),
+                )
+            pruned = []
+            for number, optuna_number, run, epochs in conn.execute(
+                """SELECT number, optuna_number, mlflow_run, epochs FROM trials
+                   WHERE experiment = %s AND state = 'paused' ORDER BY number""",
+                [experiment_id],
+            ).fetchall():
+                self._end_trial(
+                    conn,
+                    experiment_id,
+                    number,
+                    "pruned",
+                    None,
+                    None,
+                    f"pruned after epoch {epochs}: not promoted before the search ended",
+                )
+                pruned.append((optuna_number, run))
+            return Claim("done", failed=tuple(failed), pruned=tuple(pruned))
+
+    def reach_rung(
+        self,
+        experiment_id: int,
+        number: int,
+        runner: str,
+        epochs: int,
+        metric: float,
+        divisor: float,
+    ) -> bool | None:
+        """Trial `number` reached the rung at `epochs` epochs with `metric`: record it and apply
+        the promotion rule (asha.promotions) to the trials of its bracket there. True when this
+        trial goes on; False when it pauses (`paused`, its runner released); None when `runner`
+        no longer owns it. Paused trials promoted now become `running` with no runner, for the
+        next claim to resume."""
+        from pipelines.model import asha
+
+        with self.stack.connect() as conn, conn.transaction():
+            db.transaction_lock(conn, f"cdl.experiment:{experiment_id}")
+            bracket = conn.execute(
+                """SELECT t.bracket FROM trials t
+                   WHERE t.experiment = %s AND t.number = %s AND t.runner = %s
+                     AND t.state = 'running'""",
+                [experiment_id, number, runner],
+            ).fetchone()
+            if bracket is None:
+                return None
+            conn.execute(
+                """INSERT INTO trial_rungs (experiment, number, bracket, epochs, metric)
+                   VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
+                [experiment_id, number, bracket[0], epochs, metric],
+            )
+            smaller = conn.execute(
+                "SELECT smaller_is_better FROM experiments WHERE id = %s", [experiment_id]
+            ).fetchone()[0]
+            rung = conn.execute(
+                """SELECT number, metric, promoted FROM trial_rungs
+                   WHERE experiment = %s AND bracket = %s AND epochs = %s""",
+                [experiment_id, bracket[0], epochs],
+            ).fetchall()
+            goes_on = any(n == number and promoted for n, _, promoted in rung)
+            for chosen in asha.promotions(rung, divisor, maximize=not smaller):
+                conn.execute(
+                    """UPDATE trial_rungs SET promoted = true
+                       WHERE experiment = %s AND number = %s AND epochs = %s""",
+                    [experiment_id, chosen, epochs],
+                )
+                if chosen == number:
+                    goes_on = True
+                else:
+                    self._promote(conn, experiment_id, chosen, f"trial {number} reached the rung")
+            if not goes_on:
+                conn.execute(
+                    """UPDATE trials SET state = 'paused', runner = NULL, log = log || %s
+                       WHERE experiment = %s AND number = %s""",
+                    [
+                        line(f"paused at the rung of epoch {epochs}: not among the best yet"),
+                        experiment_id,
+                        number,
+                    ],
+                )
+            return goes_on
+
+    def _promote(self, conn, experiment_id: int, number: int, why: str) -> None:
+        """A paused trial goes on: `running` with no runner, for the next claim to resume."""
+        conn.execute(
+            """UPDATE trials SET state = 'running', runner = NULL, log = log || %s
+               WHERE experiment = %s AND number = %s AND state = 'paused'""",
+            [line(f"promoted: {why}"), experiment_id, number],
+        )
 
     def _trial(self, conn: psycopg.Connection, experiment_id: int, number: int) -> Trial:
         return db.fetch_one(
@@ -369,8 +490,8 @@ class ExperimentStore:
                 return None
             _, max_trials, smaller, metric = head
             started, running = conn.execute(
-                """SELECT count(*), count(*) FILTER (WHERE state = 'running') FROM trials
-                   WHERE experiment = %s""",
+                """SELECT count(*), count(*) FILTER (WHERE state IN ('running', 'paused'))
+                   FROM trials WHERE experiment = %s""",
                 [experiment_id],
             ).fetchone()
             if running or started < max_trials:
@@ -407,13 +528,14 @@ class ExperimentStore:
             return True
 
     def end_running(self, experiment_id: int, state: str, text: str) -> list[int]:
-        """End every trial still running (their workers are gone); return their numbers."""
+        """End every trial still running (their workers are gone) or paused; return their
+        numbers."""
         with self.stack.connect() as conn, conn.transaction():
             numbers = [
                 n
                 for (n,) in conn.execute(
-                    """SELECT number FROM trials WHERE experiment = %s AND state = 'running'
-                       FOR UPDATE""",
+                    """SELECT number FROM trials WHERE experiment = %s
+                       AND state IN ('running', 'paused') FOR UPDATE""",
                     [experiment_id],
                 )
             ]

@@ -28,7 +28,7 @@ from pipelines.core.stack import Stack
 from pipelines.plugins import backend_class
 
 EXPERIMENT_STATES = ("active", "completed", "killed", "failed")
-TRIAL_STATES = ("running", "completed", "pruned", "failed", "killed")
+TRIAL_STATES = ("running", "paused", "completed", "pruned", "failed", "killed")
 
 
 @dataclass
@@ -65,7 +65,8 @@ class Experiment:
 class Trial:
     experiment: int
     number: int
-    state: str  # running | completed | pruned | failed | killed
+    state: str  # running | paused (waiting for an ASHA promotion) | completed | pruned | failed
+    #             | killed
     hparams: dict[str, Any]
     epochs: int  # epochs done
     bracket: int  # rungs of its ASHA bracket

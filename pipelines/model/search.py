@@ -9,11 +9,13 @@ same Postgres join with `cdl experiment worker ID`; they need the same code and,
 other's trials, the same stack home (checkpoints live under `<home>/experiments/<id>/`).
 
 A worker loops: claim a trial (the store decides under the experiment's lock: a trial whose runner
-is gone first, else a new one while fewer than max_trials started), run it, repeat; when nothing is
-left and nothing runs it ends the experiment. A trial trains the Trainer epoch by epoch; after each
-epoch (checkpointed by the trainer) the report hands the epoch's metrics to a thread that logs them
-to MLflow in one batch (training goes on meanwhile), reports the metric to Optuna, records the
-epoch, and asks the pruner (ASHA, asha.py) whether to go on. A heartbeat thread marks the trial's
+is gone or that ASHA promoted first, else a new one while fewer than max_trials started), run it,
+repeat; when nothing is left and nothing runs it ends the experiment. A trial trains the Trainer
+epoch by epoch; after each epoch (checkpointed by the trainer) the report hands the epoch's metrics
+to a thread that logs them to MLflow in one batch (training goes on meanwhile), reports the metric
+to Optuna, records the epoch, and at a rung of its ASHA bracket asks the store whether it is
+promoted (asha.py): if not, the trial pauses, to be resumed from its checkpoint when later trials
+promote it, or pruned when the search ends. A heartbeat thread marks the trial's
 runner alive every second and notices a kill. A worker killed outright loses at most the epoch it
 was in: the trial is resumed by any worker, on this machine at once (its pid is dead), from
 elsewhere once its heartbeat is older than LEASE_S, from its checkpoints, in the same Optuna trial
@@ -25,8 +27,8 @@ hyperparameters as params, the provenance tags (provenance.py: code commit, pack
 commits), the label snapshot and its data commits as dataset inputs; once its trainer is built,
 its parameter count and features (`cdl.parameters`, `cdl.features`). A trial that completes
 logs its model (`model`), final checkpoint (`checkpoint/`), learning curves and validation
-confusion matrix (`plots/`); a pruned one its checkpoint and learning curves. These extras are
-best effort: one that cannot be logged is said in the trial's log and the trial goes on.
+confusion matrix (`plots/`); a paused one its checkpoint and learning curves so far. These extras
+are best effort: one that cannot be logged is said in the trial's log and the trial goes on.
 
 A trainer that raises, or reports a metric that is missing or not finite, fails its trial with
 the traceback kept (`cdl experiment logs`); the experiment goes on. When Postgres goes away,
@@ -492,7 +494,7 @@ class LocalExperiments(ExperimentEngine):
                 self.stack.supervisor.stop(name)
         for child in self._children:
             child.terminate()
-        self.store.end_running(experiment_id, "killed", "killed: its worker did not stop in time")
+        self.store.end_running(experiment_id, "killed", "killed with the experiment")
         return self.store.get(experiment_id)
 
     # -- workers ------------------------------------------------------------------------------
@@ -517,7 +519,6 @@ class LocalExperiments(ExperimentEngine):
         study = optuna.load_study(
             study_name=study_name(experiment_id),
             storage=self._storage(),
-            pruner=asha.pruner(spec, experiment.max_epochs, experiment.max_trials),
         )
         runner = processes.current_runner().token
         resources = Resources(threads=threads or os.cpu_count() or 1, gpus=min(1, _gpus()))
@@ -545,6 +546,9 @@ class LocalExperiments(ExperimentEngine):
             )
             for number in claim.failed:
                 context.tell(number, "FAIL")
+            for number, run_id in claim.pruned:
+                context.tell(number, "PRUNED")
+                context.close_trial_run(run_id, "pruned", "FINISHED")
             if claim.kind == "done":
                 ended = self._finish(experiment_id, say)
                 if ended:
@@ -689,6 +693,7 @@ class _Context:
             ),
         )
         bracket = self.plan.bracket_of(claim.optuna_number)
+        rungs = self.plan.milestones(bracket)[:-1]  # the last ends the trial anyway
         checkpoints = Path(trial.checkpoints) / "checkpoints"
         checkpoints.mkdir(parents=True, exist_ok=True)
         beat = _Heartbeat(self.store, exp.id, trial.number, self.runner, self.stop, say)
@@ -718,9 +723,17 @@ class _Context:
                 beat.stop_for("lost")
             if beat.reason:
                 return False
-            if epoch < exp.max_epochs and retry(optuna_trial.should_prune, say, "Optuna"):
-                beat.stop_for("pruned")
-                return False
+            if epoch in rungs and epoch < exp.max_epochs:
+                goes_on = retry(
+                    lambda: self.store.reach_rung(
+                        exp.id, trial.number, self.runner, epoch, value, self.plan.divisor
+                    ),
+                    say,
+                    "recording the rung",
+                )
+                if not goes_on:
+                    beat.stop_for("lost" if goes_on is None else "paused")
+                    return False
             return True
 
         epoch_log = tracking.EpochLog(
@@ -755,7 +768,7 @@ class _Context:
                     say,
                     "MLflow",
                 )
-            if reason in (None, "pruned"):
+            if reason in (None, "paused"):
                 self._log_outcome(trial, run_id, model, features, checkpoints, reason is None)
         except Exception as exc:
             beat.done.set()
@@ -793,17 +806,9 @@ class _Context:
         elif reason == "killed":
             self._end(trial, "killed", None, None, f"killed {epochs}", run_id, "KILLED")
             self.tell(claim.optuna_number, "FAIL")
-        elif reason == "pruned":
-            self._end(
-                trial,
-                "pruned",
-                last["value"],
-                None,
-                f"pruned {epochs} ({exp.metric} {last['value']:.4g})",
-                run_id,
-                "FINISHED",
-            )
-            self.tell(claim.optuna_number, "PRUNED")
+        elif reason == "paused":
+            say(f"{where}: paused {epochs} ({exp.metric} {last['value']:.4g}), not among the best")
+            self._extra("its state", lambda: self.tracker.set_tag(run_id, "cdl.state", "paused"))
         else:
             self._end(
                 trial,
@@ -885,10 +890,16 @@ class _Context:
         )
         if ended:
             self.say(f"trial {trial.number}: {text}")
-            try:
-                retry(lambda: self.tracker.set_tag(run_id, "cdl.state", state), self.say, "MLflow")
-                retry(lambda: self.tracker.set_terminated(run_id, status), self.say, "MLflow")
-            except CDLError:
-                raise
-            except Exception as exc:
-                self.say(f"MLflow could not close run {run_id}: {db.first_line(exc)}")
+            self.close_trial_run(run_id, state, status)
+
+    def close_trial_run(self, run_id: str | None, state: str, status: str) -> None:
+        """Tag a trial's MLflow run with how the trial ended, and end the run."""
+        if not run_id:
+            return
+        try:
+            retry(lambda: self.tracker.set_tag(run_id, "cdl.state", state), self.say, "MLflow")
+            retry(lambda: self.tracker.set_terminated(run_id, status), self.say, "MLflow")
+        except CDLError:
+            raise
+        except Exception as exc:
+            self.say(f"MLflow could not close run {run_id}: {db.first_line(exc)}")

@@ -1,7 +1,5 @@
 """Determined's searchers on Optuna, without a stack: brackets, rungs and trial allocation as
-Determined 0.38 plans them, the pruner's decisions, and the grid."""
-
-import math
+Determined 0.38 plans them, the promotion rule, and the grid."""
 
 import optuna
 import pytest
@@ -94,82 +92,23 @@ def test_rungs_and_trials_per_bracket():
     assert half.milestones(0) == [1, 4, 10]
 
 
-def curve(number: int, epoch: int) -> float:
-    """A made-up validation accuracy: some trials learn fast, some slowly."""
-    rate = ((number * 7919) % 13) / 13
-    return 1 - math.exp(-rate * epoch) * 0.9
-
-
-def run_side_by_side(
-    ours: optuna.pruners.BasePruner, theirs: optuna.pruners.BasePruner, trials: int, max_time: int
-) -> list[int]:
-    """Run the same trials through two studies; assert both pruners decide alike; return the
-    epochs each trial ran."""
-    studies = [optuna.create_study(direction="maximize", pruner=p) for p in (ours, theirs)]
-    epochs = []
-    for number in range(trials):
-        pair = [s.ask() for s in studies]
-        for epoch in range(1, max_time + 1):
-            for trial in pair:
-                trial.report(curve(number, epoch), epoch)
-            decisions = [trial.should_prune() for trial in pair]
-            assert decisions[0] == decisions[1], (number, epoch)
-            if decisions[0]:
-                break
-        for study, trial in zip(studies, pair, strict=True):
-            if decisions[0]:
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            else:
-                study.tell(trial, curve(number, max_time))
-        epochs.append(epoch)
-    return epochs
-
-
-def test_aggressive_decides_as_optunas_successive_halving():
-    plan = asha.brackets(asha_spec("aggressive", max_rungs=3, max_time=9, max_trials=20), 9, 20)
-    assert plan.milestones(0) == [1, 3, 9]
-    epochs = run_side_by_side(
-        asha.ASHAPruner(plan),
-        optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=1, reduction_factor=3, min_early_stopping_rate=0
-        ),
-        20,
-        9,
-    )
-    assert set(epochs) == {1, 3, 9} and sum(epochs) < 0.7 * 20 * 9
-
-
-def test_standard_brackets_compete_apart():
-    """In standard mode trial n runs in its bracket: a trial of the 2-rung bracket is never
-    stopped at epoch 1, and trials compete only with their own bracket."""
-    plan = asha.brackets(asha_spec("standard", max_rungs=3, max_time=9, max_trials=12), 9, 12)
-    assert plan.rungs == (3, 2)
-    study = optuna.create_study(direction="maximize", pruner=asha.ASHAPruner(plan))
-    stopped_at: dict[int, int] = {}
-    for number in range(12):
-        trial = study.ask()
-        for epoch in range(1, 10):
-            trial.report(curve(number, epoch), epoch)
-            if trial.should_prune():
-                stopped_at[number] = epoch
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                break
-        else:
-            study.tell(trial, curve(number, 9))
-    order = plan.schedule()
-    assert stopped_at, "some trials are stopped early"
-    for number, epoch in stopped_at.items():
-        assert epoch in plan.milestones(order[number])[:-1]
-    assert all(epoch == 3 for n, epoch in stopped_at.items() if order[n] == 1)
-
-
-def test_promotion_rule():
-    # The best 1/divisor go on; while fewer than divisor reached the rung, only the best.
-    assert asha.promotable(0.9, [0.9], 3, maximize=True)
-    assert not asha.promotable(0.5, [0.9, 0.5], 3, maximize=True)
-    assert asha.promotable(0.8, [0.9, 0.8, 0.1, 0.2, 0.3, 0.4], 3, maximize=True)
-    assert not asha.promotable(0.4, [0.9, 0.8, 0.1, 0.2, 0.3, 0.4], 3, maximize=True)
-    assert asha.promotable(0.1, [0.9, 0.8, 0.1], 3, maximize=False)
+def test_promotion_follows_determined():
+    maximize = True
+    # While fewer than `divisor` trials reached the rung, none goes on: they wait.
+    assert asha.promotions([(0, 0.9, False)], 3, maximize) == []
+    assert asha.promotions([(0, 0.9, False), (1, 0.5, False)], 3, maximize) == []
+    # The third arrival promotes the best of the three, whichever arrived first.
+    three = [(0, 0.5, False), (1, 0.9, False), (2, 0.7, False)]
+    assert asha.promotions(three, 3, maximize) == [1]
+    # One promoted stays promoted; at six arrivals the next best goes too, even an early one.
+    six = [(0, 0.8, False), (1, 0.9, True), (2, 0.7, False), (3, 0.1, False), (4, 0.2, False)]
+    assert asha.promotions([*six, (5, 0.3, False)], 3, maximize) == [0]
+    # Smaller is better; a float divisor keeps floor(n / divisor); ties go to the earlier trial.
+    assert asha.promotions([(0, 0.3, False), (1, 0.1, False), (2, 0.2, False)], 1.5, False) == [
+        1,
+        2,
+    ]
+    assert asha.promotions([(4, 0.5, False), (2, 0.5, False), (9, 0.1, False)], 3, True) == [2]
 
 
 def test_grid_values_follow_determined():

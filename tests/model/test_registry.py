@@ -294,6 +294,9 @@ def test_cli_register_list_show_compare(labeled):
     folder = stack.settings.root
     parent = runs.parent_run(stack, "12", "first")
     best = runs.train_run(stack, "first", epochs=1, parent=parent, experiment="12", trial=0)
+    other = runs.train_run(
+        stack, "first", epochs=1, hparams={"hidden": 48}, parent=parent, experiment="12", trial=1
+    )
     runs.end_experiment(stack, parent, best)
     done = cdl("model", "register", parent, cwd=folder)
     assert done.returncode == 0, done.stderr
@@ -304,7 +307,10 @@ def test_cli_register_list_show_compare(labeled):
     assert "bbc-news:" in listed.stdout and "bbc_news/first" in listed.stdout
     shown = cdl("model", "show", ref, "--json", cwd=folder)
     assert json.loads(shown.stdout)["tags"]["cdl.run"] == best.run_id
-    compared = cdl("model", "compare", ref, "bbc-news/1", cwd=folder)
+    second = cdl("model", "register", other.run_id, cwd=folder)
+    assert second.returncode == 0, second.stderr
+    other_ref = re.search(r"registered (bbc-news/\d+) from run", second.stdout)[1]
+    compared = cdl("model", "compare", ref, other_ref, cwd=folder)
     assert compared.returncode == 0, compared.stderr
     assert "param hidden" in compared.stdout  # 32 vs 48: the hyperparameters that differ
     again = cdl("model", "register", best.run_id, cwd=folder)

@@ -119,6 +119,10 @@ def test_asha_search_prunes_finds_a_good_trial_and_tracks_every_epoch(stack):
         assert trial.epochs in milestones, trial
     best = max((t for t in trials if t.state == "completed"), key=lambda t: t.metric)
     assert experiment.best_trial == best.number and experiment.best_metric > 0.9
+    # Trials wait at a rung until later ones promote them (or the search ends): Determined's way.
+    logs = {t.number: text for t, text in engine.logs(experiment.id)}
+    assert all("paused at the rung" in logs[t.number] for t in trials if t.state == "pruned")
+    assert any("promoted: trial" in text for text in logs.values()), logs
 
     tracker, runs = runs_of(stack, experiment.id)
     parent = tracker.get_run(experiment.mlflow_run)
@@ -135,6 +139,7 @@ def test_asha_search_prunes_finds_a_good_trial_and_tracks_every_epoch(stack):
         )
         history = tracker.get_metric_history(run.info.run_id, "val_accuracy")
         assert sorted(m.step for m in history) == list(range(1, trial.epochs + 1))
+        assert run.info.status == "FINISHED" and run.data.tags["cdl.state"] == trial.state
     artifacts = [a.path for a in tracker.list_artifacts(best.mlflow_run, "model")]
     assert "model/MLmodel" in artifacts
     check_tracking(stack, tracker, trials, by_trial)
