@@ -201,24 +201,6 @@ def evaluate(
     run_id = _evaluation_run(
         stack, registry, info, scores, min_accuracy, passed, [figure, report, junit]
     )
-    registry.set_tags(
-        info,
-        {
-            "cdl.eval.accuracy": f"{scores.accuracy:.6g}",
-            "cdl.eval.macro_f1": f"{scores.macro_f1:.6g}",
-            "cdl.eval.passed": "true" if passed else "false",
-            "cdl.eval.min_accuracy": f"{min_accuracy:g}",
-            "cdl.eval.snapshot": scores.snapshot,
-            "cdl.eval.rows": str(scores.rows),
-            "cdl.eval.at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "cdl.eval.run": run_id,
-            "cdl.eval.scores": json.dumps(scores.to_dict(), separators=(",", ":")),
-        },
-    )
-    if passed:
-        registry.set_alias(info, CANDIDATE)
-    elif CANDIDATE in info.aliases:
-        registry.delete_alias(info.name, CANDIDATE)
     with stack.connect() as conn, conn.transaction():
         version_node = lineage.record_node(
             conn,
@@ -256,6 +238,25 @@ def evaluate(
                 "run": run_id,
             },
         )
+        # The event and lineage commit only once the version carries the result.
+        registry.set_tags(
+            info,
+            {
+                "cdl.eval.accuracy": f"{scores.accuracy:.6g}",
+                "cdl.eval.macro_f1": f"{scores.macro_f1:.6g}",
+                "cdl.eval.passed": "true" if passed else "false",
+                "cdl.eval.min_accuracy": f"{min_accuracy:g}",
+                "cdl.eval.snapshot": scores.snapshot,
+                "cdl.eval.rows": str(scores.rows),
+                "cdl.eval.at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "cdl.eval.run": run_id,
+                "cdl.eval.scores": json.dumps(scores.to_dict(), separators=(",", ":")),
+            },
+        )
+        if passed:
+            registry.set_alias(info, CANDIDATE)
+        elif CANDIDATE in info.aliases:
+            registry.delete_alias(info.name, CANDIDATE)
     info = registry.get(info.ref)
     return Evaluation(
         info,

@@ -195,3 +195,25 @@ def test_scores_per_class():
     assert scores.per_class["b"]["precision"] == 0.5 and scores.per_class["b"]["recall"] == 0.5
     assert scores.confusion == [[2, 1, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]]
     assert scores.macro_f1 == pytest.approx((0.8 + 0.5 + 1.0) / 3)  # labels with test rows
+
+
+def test_an_evaluation_that_cannot_be_recorded_leaves_the_version_as_it_was(models, monkeypatch):
+    """The version's result (tags, `candidate`) and the evaluation's event and lineage go
+    together: when the database refuses the event, the version does not show a pass."""
+    stack, _ = models
+    constant = runs.code_model_run(stack, "first", {"behaviour": "constant", "label": "sport"})
+    info = register(stack, constant).version
+
+    def refused(*args, **kwargs):
+        raise ConnectionError("database connection lost")
+
+    monkeypatch.setattr(evaluation.events, "emit", refused)
+    with pytest.raises(ConnectionError):
+        evaluation.evaluate(stack, info.ref, 0.0)
+    monkeypatch.undo()
+    after = Registry(stack).get(info.ref)
+    assert CANDIDATE not in after.aliases
+    assert not {tag for tag in after.tags if tag.startswith("cdl.eval.")}
+    with stack.connect() as conn:
+        node = lineage.get_node(conn, lineage.node_id(lineage.Kind.MODEL_VERSION, info.ref))
+        assert "evaluation" not in node.attributes  # the registration's node, untouched
