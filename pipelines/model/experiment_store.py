@@ -477,7 +477,7 @@ class ExperimentStore:
 
     def finish(self, experiment_id: int) -> Experiment | None:
         """End an active experiment whose trials have all ended: `completed` with its best
-        completed trial, or `failed` when none completed. None when it is not (or no longer)
+        trial (completed, or pruned by ASHA), or `failed` when none did. None when it is not (or no longer)
         for this call to end."""
         with self.stack.connect() as conn, conn.transaction():
             db.transaction_lock(conn, f"cdl.experiment:{experiment_id}")
@@ -496,14 +496,18 @@ class ExperimentStore:
             ).fetchone()
             if running or started < max_trials:
                 return None
+            # The best model the search found, by the searcher's metric at each trial's last
+            # epoch: a trial ASHA stopped early may beat every one that went the whole length
+            # (each keeps its model), as Determined's best checkpoint may come from any trial.
             best = conn.execute(
                 f"""SELECT number, metric FROM trials
-                    WHERE experiment = %s AND state = 'completed' AND metric IS NOT NULL
+                    WHERE experiment = %s AND state IN ('completed', 'pruned')
+                      AND metric IS NOT NULL
                     ORDER BY metric {"ASC" if smaller else "DESC"}, number LIMIT 1""",
                 [experiment_id],
             ).fetchone()
             state = "completed" if best else "failed"
-            error = None if best else "no trial completed (see cdl experiment logs)"
+            error = None if best else "no trial completed or was pruned (see cdl experiment logs)"
             conn.execute(
                 """UPDATE experiments SET state = %s, best_trial = %s, best_metric = %s,
                           error = %s, finished_at = now() WHERE id = %s""",

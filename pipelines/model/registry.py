@@ -516,7 +516,7 @@ def _training_run(client, run, parent: str | None) -> TrainingRun:
     if status in ("FAILED", "KILLED"):
         raise Invalid(
             f"run {run_id} ({trial}{status.lower()}) cannot be registered: it did not finish",
-            "register a completed trial's run, or the experiment (its best trial)",
+            "register a completed or pruned trial's run, or the experiment (its best trial)",
         )
     if status != "FINISHED":
         raise Invalid(
@@ -572,7 +572,7 @@ def model_location(client, run: TrainingRun) -> tuple[str, str | None]:
     if f"{MODEL_ARTIFACT}/MLmodel" not in files:
         raise NotFound(
             f"run {run.run_id} has no MLflow model at artifact path '{MODEL_ARTIFACT}'",
-            "register a completed trial's run (a pruned or failed trial keeps no model)",
+            "register a completed or pruned trial's run (a failed trial keeps no model)",
         )
     return f"{run.artifact_uri}/{MODEL_ARTIFACT}", None
 

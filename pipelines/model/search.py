@@ -758,16 +758,9 @@ class _Context:
             if reason is None:
                 if last["value"] is None:
                     raise TrialError("the trainer finished without reporting an epoch")
-                folder = Path(trial.checkpoints) / "model"
-                shutil.rmtree(folder, ignore_errors=True)
-                model.save_model(folder)
-                retry(
-                    lambda: self.tracker.log_artifacts(
-                        run_id, str(folder), tracking.MODEL_ARTIFACT
-                    ),
-                    say,
-                    "MLflow",
-                )
+                self._save_model(trial, run_id, model)
+            elif reason == "paused":  # it may end as the experiment's best: keep its model
+                self._extra("its model", lambda: self._save_model(trial, run_id, model))
             if reason in (None, "paused"):
                 self._log_outcome(trial, run_id, model, features, checkpoints, reason is None)
         except Exception as exc:
@@ -820,6 +813,17 @@ class _Context:
                 "FINISHED",
             )
             self.tell(claim.optuna_number, "COMPLETE", last["value"])
+
+    def _save_model(self, trial: Trial, run_id: str, model: Trainer) -> None:
+        """The trained model as the run's `model` artifact (replacing a paused trial's)."""
+        folder = Path(trial.checkpoints) / "model"
+        shutil.rmtree(folder, ignore_errors=True)
+        model.save_model(folder)
+        retry(
+            lambda: self.tracker.log_artifacts(run_id, str(folder), tracking.MODEL_ARTIFACT),
+            self.say,
+            "MLflow",
+        )
 
     def _start_run(self, trial: Trial) -> str:
         exp = self.experiment

@@ -249,7 +249,7 @@ def test_register_refuses_runs_without_a_usable_model(labeled):
     empty = runs.code_model_run(stack, "first", constant, with_model=False)
     with pytest.raises(NotFound, match="has no MLflow model at artifact path 'model'") as err:
         register(stack, empty)
-    assert "pruned or failed trial" in err.value.fix
+    assert "completed or pruned trial" in err.value.fix
     running = runs.parent_run(stack, "8", "first")  # an experiment that has not ended
     runs.code_model_run(
         stack, "first", constant, tags={"mlflow.parentRunId": running, "cdl.trial": "3"}
