@@ -195,24 +195,9 @@ class ExperimentStore:
                     failed.append(optuna_number)
                     continue
                 # A runner that released the trial (stopped gracefully) costs no restart.
-                conn.execute(
-                    """UPDATE trials SET runner = %s, heartbeat_at = now(),
-                              restarts = restarts + %s, log = log || %s
-                       WHERE experiment = %s AND number = %s""",
-                    [
-                        runner,
-                        int(died),
-                        line(f"resumed by {runner}" + (f" ({owner} stopped)" if died else "")),
-                        experiment_id,
-                        number,
-                    ],
-                )
-                return Claim(
-                    "run",
-                    self._trial(conn, experiment_id, number),
-                    True,
-                    optuna_number,
-                    tuple(failed),
+                text = f"resumed by {runner}" + (f" ({owner} stopped)" if died else "")
+                return self._resume(
+                    conn, experiment_id, number, runner, died, text, optuna_number, failed
                 )
             started = conn.execute(
                 "SELECT count(*) FROM trials WHERE experiment = %s", [experiment_id]
@@ -261,17 +246,9 @@ class ExperimentStore:
             if promoted is not None:
                 number, optuna_number = promoted
                 self._promote(conn, experiment_id, number, "the best of its bracket left")
-                conn.execute(
-                    "UPDATE trials SET runner = %s, heartbeat_at = now() "
-                    "WHERE experiment = %s AND number = %s",
-                    [runner, experiment_id, number],
-                )
-                return Claim(
-                    "run",
-                    self._trial(conn, experiment_id, number),
-                    True,
-                    optuna_number,
-                    tuple(failed),
+                text = f"resumed by {runner}"
+                return self._resume(
+                    conn, experiment_id, number, runner, False, text, optuna_number, failed
                 )
             pruned = []
             for number, optuna_number, run, epochs in conn.execute(
@@ -290,6 +267,18 @@ class ExperimentStore:
                 )
                 pruned.append((optuna_number, run))
             return Claim("done", failed=tuple(failed), pruned=tuple(pruned))
+
+    def _resume(self, conn, experiment_id, number, runner, died, text, optuna_number, failed):
+        """Hand trial `number` to `runner`, to resume from its checkpoints (a restart counted when
+        its previous runner `died`)."""
+        conn.execute(
+            """UPDATE trials SET runner = %s, heartbeat_at = now(),
+                      restarts = restarts + %s, log = log || %s
+               WHERE experiment = %s AND number = %s""",
+            [runner, int(died), line(text), experiment_id, number],
+        )
+        trial = self._trial(conn, experiment_id, number)
+        return Claim("run", trial, True, optuna_number, tuple(failed))
 
     def reach_rung(
         self,
@@ -477,8 +466,8 @@ class ExperimentStore:
 
     def finish(self, experiment_id: int) -> Experiment | None:
         """End an active experiment whose trials have all ended: `completed` with its best
-        trial (completed, or pruned by ASHA), or `failed` when none did. None when it is not (or no longer)
-        for this call to end."""
+        trial (completed, or pruned by ASHA), or `failed` when none did. None when it is not (or
+        no longer) for this call to end."""
         with self.stack.connect() as conn, conn.transaction():
             db.transaction_lock(conn, f"cdl.experiment:{experiment_id}")
             head = conn.execute(
