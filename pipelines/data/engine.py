@@ -1047,10 +1047,11 @@ class PipelineEngine(PipelineBackend):
         running jobs are interrupted (their transforms killed) and left for the next worker to
         resume."""
         swept = processes.sweep()
-        if swept.processes or swept.folders:
+        partial = self.store.clean()  # objects half-written by a killed writer (pid-aware)
+        if swept.processes or swept.folders or partial:
             say(
                 f"cleaned up after a worker that was killed: {swept.processes} transform "
-                f"processes, {swept.folders} scratch folders"
+                f"processes, {swept.folders} scratch folders, {partial} half-written objects"
             )
         slots = self.stack.settings.stack.data.job_slots
         running: dict[str, Future] = {}

@@ -93,9 +93,9 @@ def stack(request):
 
 def test_a_killed_workers_job_is_resumed_once_and_its_leftovers_removed(stack, tmp_path):
     """kill -9 of the worker mid-job, then `cdl stack up`: the new worker kills the orphaned
-    transform, removes its scratch folder and finishes the same job, running only the datums
-    that had not finished, with exactly one output commit. Stopping the worker (stack down)
-    kills its transforms and leaves the job for the next worker too."""
+    transform, removes its scratch folder and half-written objects, and finishes the same job,
+    running only the datums that had not finished, with exactly one output commit. Stopping the
+    worker (stack down) kills its transforms and leaves the job for the next worker too."""
     engine, repos = PipelineEngine(stack), DataRepos(stack)
     source, name, notes = uid("src"), uid("resume"), tmp_path / "notes.txt"
     repos.create_repo(source)
@@ -115,6 +115,9 @@ def test_a_killed_workers_job_is_resumed_once_and_its_leftovers_removed(stack, t
     orphans = transforms_of(token)
     assert orphans, "the transform outlives a worker killed outright"
     assert runner.scratch.exists()
+    half = repos.store.objects / "ab" / f".tmp-{runner.pid}-cut-off"  # a put it was writing
+    half.parent.mkdir(parents=True, exist_ok=True)
+    half.write_bytes(b"half an object")
     status = cdl("stack", "status", cwd=stack.settings.root)
     assert status.returncode == 1
     assert f"job {job.id[:12]}" in status.stdout and "orphaned" in status.stdout, status.stdout
@@ -130,6 +133,7 @@ def test_a_killed_workers_job_is_resumed_once_and_its_leftovers_removed(stack, t
     # machine removes what dead runners left, so another test's may have done it.)
     wait_for(lambda: not transforms_of(token), "the new worker kills the orphans", 15)
     wait_for(lambda: not runner.scratch.exists(), "the new worker removes the scratch folder")
+    wait_for(lambda: not half.exists(), "the new worker removes half-written objects")
     finished = wait_for(
         lambda: engine.job(job.id) if engine.job(job.id).state != "running" else None,
         "the resumed job ends",
