@@ -211,7 +211,10 @@ def prepare(stack: Stack, spec: ExperimentSpec, spec_path: Path) -> Prepared:
             f"{spec_path}: the spec sets no training length",
             "set searcher.max_time and time_metric: epochs, or an 'epochs' hyperparameter",
         )
-    snapshot = resolve_snapshot(stack, data.use_case, data.snapshot)
+    try:
+        snapshot = resolve_snapshot(stack, data.use_case, data.snapshot)
+    except NotFound as exc:
+        raise NotFound(f"{spec_path}: data.snapshot: {exc.problem}", exc.fix) from None
     check_label_set(stack, spec, spec_path, snapshot)
     per_epoch = None
     if budget.unit == "batches":
