@@ -321,28 +321,6 @@ def test_cli_register_list_show_compare(labeled):
     # an unknown version through the CLI: tests/model/test_evaluation.py
 
 
-def test_register_an_image_model(registry_stack, tmp_path):
-    """Fashion-MNIST (Keras): parameters counted in the loaded Keras model, latency on zero
-    images of the model's shape."""
-    from pipelines.data.labeling.spec import use_case
-    from pipelines.data.labeling.store import LabelStore
-    from pipelines.model.registry import register
-    from tests.model import training_runs as runs
-
-    stack = registry_stack
-    runs.label_fashion(stack, tmp_path, 300)
-    LabelStore(stack, use_case("fashion_mnist")).snapshot("small")
-    trial = runs.train_run(stack, "small", epochs=1, case="fashion_mnist", hparams={"hidden": 16})
-    info = register(stack, trial.run_id).version
-    tags = info.tags
-    assert info.ref == "fashion-mnist/1"
-    assert (tags["cdl.task"], tags["cdl.snapshot"]) == ("image", "fashion_mnist/small")
-    assert int(tags["cdl.parameters"]) == trial.parameters == 28 * 28 * 16 + 16 + 16 * 10 + 10
-    assert len(json.loads(tags["cdl.labels"])) == 10
-    assert float(tags["cdl.latency_ms"]) > 0 and int(tags["cdl.artifact_bytes"]) > 0
-    assert re.fullmatch(r"fashion-validate@[0-9a-f]+", tags["cdl.data_commits"])
-
-
 def test_register_what_the_experiment_engine_left(labeled):
     """A real grid search of the BBC trainer by the local experiment engine (run by a worker in
     this process), registered by its CDL experiment id: the best trial's run, with the

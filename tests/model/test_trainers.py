@@ -1,11 +1,11 @@
 """The trainers, really training: BBC news (Lightning) on a generated BBC-like corpus, Fashion-MNIST
-(Keras) on a few thousand real images from the Debian files. Each learns, stops when the searcher
-says so, resumes from its checkpoint where it stopped, trains data-parallel, fails clearly when
-the loss diverges, and saves a model that a fresh process (no CDL on its path) loads and scores
-raw inputs with, per the model contract."""
+(Keras) on a few thousand real images from the Debian files (tests/model/keras_cases.py, run in a
+process of its own). Each learns, stops when the searcher says so, resumes from its checkpoint
+where it stopped, trains data-parallel, fails clearly when the loss diverges, and saves a model
+that a fresh process (no CDL on its path) loads and scores raw inputs with, per the model
+contract."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,33 +16,17 @@ import pytest
 import torch
 
 from pipelines.core.errors import Invalid, NotFound
-from pipelines.data import bbc, fashion
+from pipelines.data import bbc
 from pipelines.model.registry import RegisteredModel
 from pipelines.model.trainer import LabeledFile, Resources, split_validation
 from pipelines.plugins import trainer_class
+from tests.conftest import REPO
+from tests.model.trainer_checks import Reports, serve_in_fresh_process
 
 torch.set_num_threads(1)
 
 BBC_HPARAMS = {"hidden": 64, "dropout": 0.2, "batch_size": 32}
-
-
-class Reports:
-    """A searcher's report callback that records what it is told and stops at `stop_after`."""
-
-    def __init__(self, stop_after: int | None = None):
-        self.seen: list[tuple[int, dict]] = []
-        self.stop_after = stop_after
-
-    def __call__(self, epoch, metrics) -> bool:
-        self.seen.append((epoch, dict(metrics)))
-        return self.stop_after is None or epoch < self.stop_after
-
-    @property
-    def epochs(self) -> list[int]:
-        return [epoch for epoch, _ in self.seen]
-
-    def last(self, name: str) -> float:
-        return self.seen[-1][1][name]
+KERAS_CASES = Path(__file__).with_name("keras_cases.py")
 
 
 @pytest.fixture(scope="module")
@@ -60,52 +44,6 @@ def bbc_files(tmp_path_factory) -> list[LabeledFile]:
 @pytest.fixture(scope="module")
 def bbc_features(bbc_files):
     return trainer_class("bbc_news").featurize(bbc_files, seed=3, val_fraction=0.2)
-
-
-@pytest.fixture(scope="module")
-def fashion_files() -> list[LabeledFile]:
-    images, labels = fashion.arrays(fashion.DEFAULT_SOURCE, "train", limit=3000)
-    return [
-        LabeledFile(
-            f"fashion-validate@c0ffee:/valid/{fashion.CLASSES[label]}/train-{i:05d}.png",
-            fashion.CLASSES[label],
-            fashion.png_bytes(image.tobytes(), 28, 28),
-        )
-        for i, (image, label) in enumerate(zip(images, labels, strict=True))
-    ]
-
-
-@pytest.fixture(scope="module")
-def fashion_features(fashion_files):
-    return trainer_class("fashion_mnist").featurize(fashion_files, seed=3, val_fraction=0.2)
-
-
-def serve_in_fresh_process(model: Path, task: str, inputs_file: Path, cwd: Path) -> pd.DataFrame:
-    """Load the saved model with mlflow.pyfunc in a new interpreter started elsewhere, where CDL
-    cannot be imported, and predict the inputs (a JSON list of texts, or .npy uint8 images)."""
-    script = f"""
-import json, sys
-sys.modules["pipelines"] = None  # CDL cannot be imported (the venv has it installed editable)
-import numpy as np, pandas as pd, mlflow
-model = mlflow.pyfunc.load_model({str(model)!r})
-if {task!r} == "text":
-    inputs = pd.DataFrame({{"text": json.load(open({str(inputs_file)!r}))}})
-else:
-    inputs = np.load({str(inputs_file)!r})
-answer = pd.DataFrame(model.predict(inputs))
-print(answer.to_json(orient="records"))
-"""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return pd.DataFrame(json.loads(run.stdout.strip().splitlines()[-1]))
 
 
 # -- the port's shared parts -------------------------------------------------------------------
@@ -266,100 +204,14 @@ def test_bbc_divergence_fails_the_trial(bbc_features, tmp_path):
 # -- Fashion-MNIST (Keras) ---------------------------------------------------------------------
 
 
-def test_fashion_learns_and_its_saved_model_scales_raw_pixels(fashion_features, tmp_path):
-    features = fashion_features
-    assert features.x_train.dtype == np.uint8 and features.x_train.shape[1:] == (28, 28)
-    assert features.preprocessing["shape"] == [28, 28]
-    assert len(features.labels) == 10
-    trainer = trainer_class("fashion_mnist")(
-        {"batch_size": 32}, features, Resources(threads=1), seed=1
-    )
-    reports = Reports()
-    assert trainer.fit(3, tmp_path / "checkpoints", reports) == 3
-    assert reports.epochs == [1, 2, 3]
-    assert set(reports.seen[0][1]) == {"loss", "val_loss", "val_accuracy", "epoch_seconds"}
-    assert reports.last("val_accuracy") >= 0.7, reports.seen
-
-    trainer.save_model(tmp_path / "model")
-    expected = trainer.model.predict(features.x_val.astype(np.float32), verbose=0).argmax(1)
-    np.save(tmp_path / "images.npy", features.x_val)  # raw uint8 pixels, as served
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    served = serve_in_fresh_process(tmp_path / "model", "image", tmp_path / "images.npy", elsewhere)
-    assert list(served.columns) == ["label", "score"] and len(served) == len(features.x_val)
-    assert list(served["label"]) == [features.labels[i] for i in expected]
-    truth, predicted = trainer.validation_predictions()
-    assert truth.tolist() == features.y_val.tolist() and predicted.tolist() == expected.tolist()
-    assert trainer.parameter_count() == (28 * 28 * 128 + 128) + (128 * 10 + 10)
-    assert np.mean(served["label"] == [features.labels[i] for i in features.y_val]) >= 0.7
-
-    import mlflow
-
-    model = mlflow.pyfunc.load_model(str(tmp_path / "model"))
-    with pytest.raises(Exception, match="integer pixels 0..255"):  # pre-scaled input refused
-        model.predict(features.x_val[:2].astype(np.float32) / 255)
-    with pytest.raises(Exception, match="shape \\(N, 28, 28\\)"):
-        model.predict(np.zeros((2, 32, 32), dtype=np.uint8))
-    pngs = [fashion.png_bytes(image.tobytes(), 28, 28) for image in features.x_val[:4]]
-    answers = RegisteredModel("fashion-mnist", "1", model).predict("image", pngs)
-    assert [label for label, _ in answers] == list(served["label"][:4])
-
-
-def test_fashion_stops_resumes_and_fails_on_divergence(fashion_features, tmp_path):
-    make = trainer_class("fashion_mnist")
-    stopped = Reports(stop_after=1)
-    assert make({}, fashion_features, Resources(), seed=2).fit(5, tmp_path / "ck", stopped) == 1
-    assert stopped.epochs == [1]
-    resumed = Reports()
-    again = make({}, fashion_features, Resources(), seed=2)
-    assert again.fit(2, tmp_path / "ck", resumed) == 2
-    assert resumed.epochs == [2]
-    unbroken = Reports()
-    straight = make({}, fashion_features, Resources(), seed=2)
-    assert straight.fit(2, tmp_path / "straight", unbroken) == 2
-    assert resumed.seen[0][1]["val_loss"] == pytest.approx(
-        unbroken.seen[1][1]["val_loss"], rel=1e-4
-    )
-    for got, want in zip(again.model.get_weights(), straight.model.get_weights(), strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5)
-
-    diverging = make({"learning_rate": 1e20}, fashion_features, Resources(), seed=2)
-    with pytest.raises(Invalid, match="training diverged in epoch 1: loss=nan"):
-        diverging.fit(2, tmp_path / "nan", Reports())
-
-
-# Run in a process of its own, as a Fashion-MNIST worker runs: TensorFlow only (this test
-# process has torch loaded too, and TensorFlow's MirroredStrategy there crashed it now and then).
-MIRRORED = """
-import json, sys
-from pathlib import Path
-import tensorflow as tf
-from pipelines.model.trainer import Features, Resources
-from pipelines.plugins import trainer_class
-
-folder = Path(sys.argv[1])
-features = Features.load(folder / "features")
-trainer = trainer_class("fashion_mnist")({}, features, Resources(slots=2), seed=1)
-assert isinstance(trainer.strategy, tf.distribute.MirroredStrategy)
-seen = []
-report = lambda epoch, metrics: seen.append((epoch, dict(metrics))) or True
-done = trainer.fit(1, folder / "checkpoints", report)
-trainer.save_model(folder / "model")
-print(json.dumps({"done": done, "reports": seen}))
-"""
-
-
-def test_fashion_trains_under_mirrored_strategy(fashion_features, tmp_path):
-    fashion_features.save(tmp_path / "features")
+def test_fashion_in_a_tensorflow_only_process():
+    """tests/model/keras_cases.py, in a pytest of its own: TensorFlow without torch."""
     run = subprocess.run(
-        [sys.executable, "-c", MIRRORED, str(tmp_path)],
+        [sys.executable, "-m", "pytest", str(KERAS_CASES), "-q", "-p", "no:cacheprovider"],
+        cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        timeout=540,
     )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["done"] == 1 and [epoch for epoch, _ in result["reports"]] == [1]
-    assert result["reports"][-1][1]["val_accuracy"] >= 0.5
-    assert (tmp_path / "model" / "MLmodel").is_file()
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert "5 passed" in run.stdout, run.stdout[-3000:]

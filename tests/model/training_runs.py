@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
-import torch
 
 from pipelines.data import bbc, fashion
 from pipelines.data.labeling.spec import use_case
@@ -24,8 +23,6 @@ from pipelines.model.registry import registered_name
 from pipelines.model.trainer import Resources
 from pipelines.plugins import trainer_class
 from tests.conftest import MODEL_CODE
-
-torch.set_num_threads(1)
 
 REPO = "bbc-validate"
 SMALL = {"hidden": 32, "dropout": 0.1, "batch_size": 16, "learning_rate": 0.01}
@@ -123,6 +120,10 @@ def train_run(
     case: str = "bbc_news",
 ) -> Trial:
     """Train the real trainer of use case `case` on `snapshot` and log it as a (trial) run."""
+    if case == "bbc_news":
+        import torch  # not at the top: Keras cases run in a process without torch
+
+        torch.set_num_threads(1)
     hparams = {**(SMALL if case == "bbc_news" else {}), **(hparams or {})}
     features = features_for(stack, case, snapshot)
     trainer = trainer_class(case)(hparams, features, Resources(threads=1), seed=seed)
