@@ -20,16 +20,12 @@ from pipelines.data import fashion
 from pipelines.model.registry import RegisteredModel
 from pipelines.model.trainer import LabeledFile, Resources
 from pipelines.plugins import trainer_class
-from tests.conftest import destroy, make_project, stack_for
 from tests.model.trainer_checks import Reports, serve_in_fresh_process
 
 
-@pytest.fixture(scope="module")
-def stack():
-    stack = stack_for(make_project())
-    stack.up()
-    yield stack
-    destroy(stack)
+@pytest.fixture
+def stack(shared_stack):
+    return shared_stack
 
 
 @pytest.fixture(scope="module")

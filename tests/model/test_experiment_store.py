@@ -8,17 +8,13 @@ import pytest
 
 from pipelines.core import events
 from pipelines.model.experiment_store import ExperimentStore, NewTrial
-from tests.conftest import destroy, make_project, stack_for
 
 RUNNER = "host/1/1"
 
 
-@pytest.fixture(scope="module")
-def stack():
-    stack = stack_for(make_project())
-    stack.up()
-    yield stack
-    destroy(stack)
+@pytest.fixture
+def stack(shared_stack):
+    return shared_stack
 
 
 def experiment(store: ExperimentStore, max_trials: int, smaller_is_better: bool = False) -> int:
