@@ -183,8 +183,9 @@ def show(
         False, "--watch", "-w", help="Refresh the table every second until the experiment ends."
     ),
 ) -> None:
-    """Show an experiment's trials: state, hyperparameters, epochs, rung and metric (the best
-    trial is starred)."""
+    """Show an experiment's trials: state (running, paused at an ASHA rung until promoted,
+    completed, pruned, failed, killed), hyperparameters, epochs, rung and metric (the best trial
+    is starred)."""
     experiments = engine(ctx)
     experiment, trials = experiments.show(experiment_id)
     if not watch or not experiment.active:
