@@ -59,7 +59,6 @@ from pipelines.model.experiments import (
 )
 from pipelines.model.spec import ExperimentSpec, load_experiment, search_space
 from pipelines.model.trainer import Features
-from pipelines.plugins import load
 
 if TYPE_CHECKING:
     from pipelines.model.search import Prepared
@@ -339,7 +338,7 @@ class DeterminedExperiments(ExperimentEngine):
     # -- submit -------------------------------------------------------------------------------
 
     def submit(self, spec_path: Path, attached: bool = False) -> Submission:
-        from pipelines.model.search import prepare
+        from pipelines.model.search import prepare, spec_features
 
         spec = load_experiment(spec_path)
         prepared = prepare(self.stack, spec, spec_path)
@@ -352,7 +351,7 @@ class DeterminedExperiments(ExperimentEngine):
             budget_epochs(spec.canonical(), consts, prepared.batches_per_epoch)
         except CDLError as exc:
             raise type(exc)(f"{spec_path}: {exc.problem}", exc.fix) from None
-        features = load(prepared.features)(self.stack, spec.data.use_case, prepared.snapshot)
+        features = spec_features(self.stack, spec, prepared.features, prepared.snapshot)
         scratch = self.stack.settings.home / "determined"
         scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="context-", dir=scratch) as folder:

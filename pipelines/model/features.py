@@ -36,11 +36,10 @@ from pipelines.core.stack import Stack
 from pipelines.data.backend import Ref, data_backend
 from pipelines.data.labeling.spec import use_case as load_use_case
 from pipelines.data.labeling.store import LabelStore
-from pipelines.model.trainer import Features, LabeledFile
+from pipelines.model.trainer import DEFAULT_VAL_FRACTION, Features, LabeledFile
 from pipelines.plugins import trainer_class
 
 DEFAULT_SEED = 0
-DEFAULT_VAL_FRACTION = 0.2
 ARRAYS = ("x_train", "y_train", "x_val", "y_val")
 
 

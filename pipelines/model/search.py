@@ -227,13 +227,19 @@ def prepare(stack: Stack, spec: ExperimentSpec, spec_path: Path) -> Prepared:
             )
         consts = {"batch_size": leaf.val} if leaf is not None else {}
         per_epoch = trainer_type.batches_per_epoch(
-            load(features)(stack, data.use_case, snapshot), consts
+            spec_features(stack, spec, features, snapshot), consts
         )
     try:
         epochs = max_epochs(spec, per_epoch)
     except CDLError as exc:
         raise type(exc)(f"{spec_path}: {exc.problem}", exc.fix) from None
     return Prepared(trainer, features, snapshot, epochs, per_epoch)
+
+
+def spec_features(stack: Stack, spec: ExperimentSpec, features: str, snapshot: str):
+    """The features an experiment trains on: the features function `features` (module:function,
+    called with the stack, use case and snapshot, and the keyword `val_fraction`: the spec's)."""
+    return load(features)(stack, spec.data.use_case, snapshot, val_fraction=spec.data.val_fraction)
 
 
 def check_label_set(stack: Stack, spec: ExperimentSpec, spec_path: Path, snapshot: str) -> None:
@@ -676,8 +682,8 @@ class _Context:
     def _setup(self):
         self._trainer_class()
         if self._features is None:
-            self._features = load(self.features_path)(
-                self.engine.stack, self.experiment.use_case, self.experiment.snapshot
+            self._features = spec_features(
+                self.engine.stack, self.spec, self.features_path, self.experiment.snapshot
             )
         return self._trainer, self._features
 

@@ -48,6 +48,7 @@ from typing_extensions import TypeAliasType
 
 from pipelines.core.errors import Invalid, Unsupported
 from pipelines.data.labeling.spec import SNAPSHOT_NAME, USE_CASES
+from pipelines.model.trainer import DEFAULT_VAL_FRACTION
 
 SEARCHERS = ("single", "random", "grid", "async_halving", "adaptive_asha")
 # Parsed by 0.38 for old experiments only: "not valid for new experiments".
@@ -594,6 +595,8 @@ class DataSection(_Spec):
     # The classes the model predicts; default: the choices of the use case's labeling config.
     # The snapshot must hold exactly these (search.check_label_set).
     labels: list[str] | None = Field(None, min_length=2)
+    # The share of the snapshot's train split carved out for validation (seeded, stratified).
+    val_fraction: float = Field(DEFAULT_VAL_FRACTION, gt=0, lt=1)
 
 
 # -- the experiment -----------------------------------------------------------------------------

@@ -43,6 +43,10 @@ import numpy as np
 
 from pipelines.core.errors import Invalid, Unsupported
 
+# The share of a snapshot's train split carved out for validation, unless an experiment's spec
+# says otherwise (data.val_fraction).
+DEFAULT_VAL_FRACTION = 0.2
+
 # What the searcher is told after each epoch; False from it stops training (the trial is pruned
 # or the experiment was killed).
 EpochReport = Callable[[int, Mapping[str, float]], bool]

@@ -173,7 +173,7 @@ def check_tracking(stack, tracker, trials, runs) -> None:
         assert tags["cdl.package.mlflow"] == mlflow.__version__
         assert tags["cdl.package.cdl"] == __version__ and "cdl.package.torch" in tags
         assert tags["cdl.parameters"] == "11"  # the toy's weights and bias
-        assert tags["cdl.features.train_rows"] == "300" and "cdl.features" not in tags
+        assert tags["cdl.features.train_rows"] == "320" and "cdl.features" not in tags
         inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
         assert set(inputs) == {"bbc_news/second", "bbc-news-validated@c0ffee"}
         snapshot = inputs["bbc_news/second"]
@@ -376,6 +376,18 @@ def test_a_budget_in_batches_is_counted_in_epochs_of_the_snapshot(stack):
     records = {**asha, "time_metric": "records"}
     with pytest.raises(Invalid, match="records_per_epoch"):
         engine.submit(spec_file(stack, "in-records", records, {"learning_rate": 0.5}, data=bbc))
+
+
+def test_the_spec_sets_the_validation_share(stack):
+    engine = LocalExperiments(stack)
+    data = {**TOY, "val_fraction": 0.5}
+    hyper = {"epochs": 1, "learning_rate": 0.5}
+    spec = spec_file(stack, "half-validation", {"name": "single"}, hyper, data=data)
+    experiment = engine.wait(engine.submit(spec, attached=True).experiment.id, poll_s=0.5)
+    _, [trial] = engine.show(experiment.id)
+    tracker, _ = runs_of(stack, experiment.id)
+    tags = tracker.get_run(trial.mlflow_run).data.tags
+    assert (tags["cdl.features.train_rows"], tags["cdl.features.val_rows"]) == ("200", "200")
 
 
 def test_latest_names_no_snapshot_before_the_first(stack):

@@ -207,6 +207,10 @@ BAD = {
         edit("workspace", "research"),
         "workspace and project are set together, or neither",
     ),
+    "validation share out of range": (
+        edit("data", {"use_case": "bbc_news", "snapshot": "s1", "val_fraction": 1.5}),
+        "data.val_fraction: Input should be less than 1",
+    ),
     "relative bind mount": (
         edit("bind_mounts", [{"host_path": "data", "container_path": "/data"}]),
         "bind_mounts.0.host_path: String should match pattern '^/'",

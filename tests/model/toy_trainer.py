@@ -115,6 +115,6 @@ class ToyTrainer(Trainer):
         )
 
 
-def toy_features(stack, use_case: str, snapshot: str) -> Features:
+def toy_features(stack, use_case: str, snapshot: str, val_fraction: float) -> Features:
     """The features of a snapshot, generated from its name (no label files needed)."""
-    return ToyTrainer.featurize([], zlib.crc32(snapshot.encode()), 0.25)
+    return ToyTrainer.featurize([], zlib.crc32(snapshot.encode()), val_fraction)
