@@ -8,14 +8,13 @@ import pytest
 from pipelines.core.errors import NotFound, Unsupported
 from pipelines.data.backend import Commit, Entry, FileEntry, Ref, RepoInfo, data_backend
 from pipelines.plugins import backend_class, engines
-from tests.conftest import make_project, stack_for
 from tests.data.fake_pachd import FakePachd
 
 FILES = {"/a/1.txt": b"one", "/a/2.txt": b"two!", "/b/3.txt": b"three"}
 
 
 @pytest.fixture(params=engines("data"))
-def backend(request, project_factory, tmp_path):
+def backend(request, project_factory, pachyderm_stack, tmp_path):
     """(engine, backend) holding the repo `raw` with FILES on master."""
     if request.param == "local":
         stack = project_factory()
@@ -117,12 +116,7 @@ def pachd():
     server.stop()
 
 
-def pachyderm_stack(address: str):
-    config = {"stacks": {"local": {"data": {"engine": "pachyderm", "pachd_address": address}}}}
-    return stack_for(make_project(config))
-
-
-def test_pachyderm_reads_are_these_requests(pachd):
+def test_pachyderm_reads_are_these_requests(pachd, pachyderm_stack):
     """What pachd receives: the commit asked for by branch, then a walk and a get of that
     commit's files."""
     data = data_backend(pachyderm_stack(pachd.address))

@@ -3,15 +3,15 @@ ships translates to pachd's CreatePipelineRequest and back unchanged, and a pach
 reached is a clear error."""
 
 import re
-import socket
 from pathlib import Path
 
 import pytest
 
 from pipelines.core.errors import CDLError, Unavailable
+from pipelines.core.postgres import free_port
 from pipelines.data.pachyderm import PachydermRepos, request_as_dict, request_for, spec_json
 from pipelines.data.spec import load_spec, parse_spec
-from tests.conftest import REPO, cdl, make_project, stack_for
+from tests.conftest import REPO, cdl
 
 SPECS = sorted(p for p in (REPO / "use_cases").glob("*/data/*") if p.suffix in (".json", ".yaml"))
 
@@ -80,18 +80,7 @@ def test_every_input_kind_and_duration_translates():
     assert normalise(request_as_dict(request)) == normalise(as_json)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def pachyderm_stack(address: str):
-    config = {"stacks": {"local": {"data": {"engine": "pachyderm", "pachd_address": address}}}}
-    return stack_for(make_project(config))
-
-
-def test_unreachable_pachd_is_a_clear_error():
+def test_unreachable_pachd_is_a_clear_error(pachyderm_stack):
     pach = PachydermRepos(pachyderm_stack(f"grpc://127.0.0.1:{free_port()}"))
     with pytest.raises(Unavailable) as err:
         pach.check()
@@ -99,7 +88,7 @@ def test_unreachable_pachd_is_a_clear_error():
     assert "pachd_address" in err.value.fix
 
 
-def test_bad_pachd_address():
+def test_bad_pachd_address(pachyderm_stack):
     with pytest.raises(CDLError, match="pachd_address 'ftp://x'"):
         PachydermRepos(pachyderm_stack("ftp://x"))
 
